@@ -1,0 +1,134 @@
+"""Load and save models: clear errors on bad files, external data, atomic writes, input never touched.
+
+Saving writes into a temporary directory beside the target and then renames (``os.replace``)
+the external-data file first and the ``.onnx`` last, so an interrupt or a failure leaves either
+the old files or the complete new ones. Models whose tensors exceed 2 GB (protobuf's limit),
+or that came with external data, are saved with external data next to the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt.edit import iter_tensors
+from graphopt.errors import ModelError, UsageError
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_THRESHOLD = 1_800_000_000
+"""Above this many tensor bytes a model is saved with external data (headroom under 2 GB)."""
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Read a model file, with its external data loaded lazily; one-line :class:`ModelError` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a directory, not a model file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"model file '{path}' is empty")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelError(f"'{path}' is not a readable ONNX model ({_short(e)})") from None
+    except Exception as e:  # protobuf raises assorted types on random bytes
+        raise ModelError(f"'{path}' is not a readable ONNX model ({type(e).__name__}: {_short(e)})") from None
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise ModelError(f"'{path}' parses as protobuf but is not an ONNX model (no graph or ir_version)")
+    _check_external_files(proto, path)
+    if check:
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            raise ModelError(f"'{path}' fails onnx.checker: {_short(e)}") from None
+        except Exception as e:
+            raise ModelError(f"'{path}' fails onnx.checker: {type(e).__name__}: {_short(e)}") from None
+    try:
+        model = ir.from_proto(proto)
+    except Exception as e:
+        raise ModelError(f"'{path}' cannot be read into onnx_ir: {type(e).__name__}: {_short(e)}") from None
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            target = (path.parent / location).resolve()
+            if not target.is_file():
+                raise ModelError(f"external data file '{location}' of tensor '{tensor.name}' not found next to '{path}'")
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """Files the model's lazily loaded tensors read from."""
+    files = set()
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path).resolve())
+    return files
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for t in iter_tensors(model))
+
+
+def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, ...] = (), external: bool | None = None) -> list[Path]:
+    """Write ``model`` atomically; returns the files written.
+
+    ``protect`` lists files that must not be overwritten (the input model and its data).
+    ``external``: None decides by size (and keeps external data if the model came with it).
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"output '{path}' is a directory")
+    if not parent.is_dir():
+        raise UsageError(f"output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output directory '{parent}' is not writable")
+    protected = {p.resolve() for p in protect} | external_files(model)
+    if external is None:
+        external = tensor_bytes(model) > EXTERNAL_THRESHOLD or any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
+    data_name = path.name + ".data"
+    targets = [path] + ([parent / data_name] if external else [])
+    for target in targets:
+        if target.resolve() in protected:
+            raise UsageError(f"refusing to overwrite '{target}': it is the input model or its data")
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.tmp") as tmp:
+        tmp_model = Path(tmp) / path.name
+        try:
+            if external:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                ir.save(model, tmp_model)
+        except ValueError as e:
+            raise UsageError(f"cannot serialize the model to '{path}': {_short(e)}") from None
+        if external:
+            os.replace(Path(tmp) / data_name, parent / data_name)
+        os.replace(tmp_model, path)
+    return targets
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

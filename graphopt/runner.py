@@ -1,0 +1,156 @@
+"""Run a pipeline: each pass timed, measured, checked for signature and validity, and verified.
+
+The steps around a pass are few and fixed (snapshot, run, signature, checker, verify, record),
+so they are written out in order here rather than spread over instrumentation hooks; the one
+hook, ``progress``, is for the CLI's display.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, PassFailed, VerificationError
+from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
+from graphopt.metrics import Tolerance
+from graphopt.passbase import Calibration, GraphPass, PassResult
+from graphopt.pipeline import Element, Repeat
+from graphopt.report import ModelStats, PassRecord
+from graphopt.verify import Verifier
+
+logger = logging.getLogger(__name__)
+
+OnViolation = Literal["fail", "rollback"]
+
+
+@dataclasses.dataclass
+class RunSettings:
+    on_violation: OnViolation = "fail"
+    tolerance: Tolerance | None = None  # default budget for lossy passes (``--tolerance``)
+    calibration: Calibration | None = None
+    check_model: bool = True  # onnx.checker after every modifying pass
+    keep_partial: bool = False  # on failure, attach the last good model to the error as ``.partial``
+    progress: Callable[[str], None] | None = None
+
+
+def run_pipeline(
+    model: ir.Model, pipeline: Sequence[Element], verifier: Verifier | None, settings: RunSettings
+) -> tuple[ir.Model, list[PassRecord]]:
+    """Run every element in order; returns the final model and one record per pass run."""
+    records: list[PassRecord] = []
+    for element in pipeline:
+        model = _run_element(model, element, verifier, settings, records, iteration=None)
+    return model, records
+
+
+def _run_element(
+    model: ir.Model, element: Element, verifier: Verifier | None, settings: RunSettings, records: list[PassRecord], iteration: int | None
+) -> ir.Model:
+    if isinstance(element, Repeat):
+        for i in range(element.n):
+            start = len(records)
+            for inner in element.body:
+                model = _run_element(model, inner, verifier, settings, records, iteration=i + 1)
+            if not any(r.modified and r.verdict != "rolled-back" for r in records[start:]):
+                break
+        return model
+    return _run_pass(model, element, verifier, settings, records, iteration)
+
+
+def _run_pass(
+    model: ir.Model, p: GraphPass, verifier: Verifier | None, settings: RunSettings, records: list[PassRecord], iteration: int | None
+) -> ir.Model:
+    if settings.progress:
+        settings.progress(p.name)
+    before = records[-1].after if records and records[-1].verdict != "rolled-back" else ModelStats.of(model)
+    snapshot = model.clone() if settings.on_violation == "rollback" or settings.keep_partial else None
+    try:
+        return _run_checked(model, p, snapshot, before, verifier, settings, records, iteration)
+    except (PassFailed, VerificationError) as e:
+        e.partial = snapshot  # type: ignore[attr-defined]
+        raise
+
+
+def _run_checked(
+    model: ir.Model,
+    p: GraphPass,
+    snapshot: ir.Model | None,
+    before: ModelStats,
+    verifier: Verifier | None,
+    settings: RunSettings,
+    records: list[PassRecord],
+    iteration: int | None,
+) -> ir.Model:
+    signature = _signature(model)
+    p.calibration = settings.calibration if p.uses_data else None
+    start = time.perf_counter()
+    try:
+        result = p(model)
+    except GraphoptError:
+        raise
+    except Exception as e:
+        raise PassFailed(f"pass '{p.name}' raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    finally:
+        p.calibration = None
+    seconds = time.perf_counter() - start
+    stats = result.stats if isinstance(result, PassResult) else {}
+    layers = result.layers if isinstance(result, PassResult) else []
+    budget = p.budget(settings.tolerance)
+    record = PassRecord(
+        p.name, p.options(), p.lossless, before, before, seconds, modified=result.modified, budget=str(budget), stats=stats, layers=layers, iteration=iteration, source=p
+    )
+    records.append(record)
+    if not result.modified:
+        return model
+    if (changed := _signature(model)) != signature:
+        raise PassFailed(f"pass '{p.name}' changed the model signature: {_diff(signature, changed)}")
+    if settings.check_model:
+        _check_valid(model, p.name)
+    record.after = ModelStats.of(model)
+    if verifier is None:
+        record.verdict = "not-verified"
+        return model
+    start = time.perf_counter()
+    check = verifier.check(model, lossless=p.lossless, budget=budget)
+    record.verify_seconds = time.perf_counter() - start
+    record.exact, record.deploy, record.vs_previous = check.exact, check.deploy, check.vs_previous
+    record.violations, record.unverified = check.violations, check.unverified
+    if check.unverified:
+        record.verdict = "unverified"
+    elif not check.violations:
+        record.verdict = "ok"
+    elif snapshot is None or settings.on_violation == "fail":
+        raise VerificationError(f"pass '{p.name}' broke its budget ({budget}): {check.violations[0]}")
+    else:
+        logger.warning("rolling back %s: %s", p.name, check.violations[0])
+        record.verdict = "rolled-back"
+        record.after = before
+        return snapshot
+    return model
+
+
+def _signature(model: ir.Model) -> list[tuple[str, str, str]]:
+    graph = model.graph
+    return [("input", v.name or "", str(v.dtype)) for v in graph.inputs] + [("output", v.name or "", str(v.dtype)) for v in graph.outputs]
+
+
+def _diff(a: list[tuple[str, str, str]], b: list[tuple[str, str, str]]) -> str:
+    gone = [f"{k} '{n}' ({t})" for k, n, t in a if (k, n, t) not in b]
+    new = [f"{k} '{n}' ({t})" for k, n, t in b if (k, n, t) not in a]
+    return "; ".join(filter(None, ["lost " + ", ".join(gone) if gone else "", "added " + ", ".join(new) if new else ""])) or "order changed"
+
+
+def _check_valid(model: ir.Model, pass_name: str) -> None:
+    if tensor_bytes(model) > EXTERNAL_THRESHOLD:
+        return  # the checker needs the file on disk for >2 GB models; ORT verification still runs
+    try:
+        onnx.checker.check_model(ir.to_proto(model))
+    except Exception as e:
+        raise PassFailed(f"pass '{pass_name}' produced an invalid model: {' '.join(str(e).split())[:300]}") from None
+
