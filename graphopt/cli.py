@@ -23,8 +23,10 @@ from graphopt.registry import all_passes, describe, presets
 
 DEFAULT_MODEL = "digits_cnn.onnx"
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output (logs, CI, tests) gets a wide fixed width instead of rich's 80-column fallback,
+# which would truncate the per-pass table.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 def default_model() -> Path:

@@ -99,7 +99,7 @@ def generate(
     for _ in range(samples):
         sample: Sample = {}
         for v in inputs:
-            sample[v.name] = _random_array(v, shapes[v.name], rng, int_range)
+            sample[v.name] = np.asarray(_random_array(v, shapes[v.name], rng, int_range))  # 0-d too
         out.append(sample)
     return out
 
