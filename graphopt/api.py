@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt import io
+from graphopt import io, sparse
 from graphopt.data import Sample, ShapeSpec, generate, load_npz
-from graphopt.errors import ModelError, UsageError
+from graphopt.errors import GraphoptError, ModelError, UsageError
 from graphopt.metrics import OutputError, Tolerance, compare_outputs
 from graphopt.passbase import Calibration
 from graphopt.pipeline import Element, Repeat, format_pipeline, parse_pipeline
@@ -27,6 +27,8 @@ InputsLike = Union[str, os.PathLike, Mapping[str, np.ndarray], Sequence[Mapping[
 PIPELINE_KEY = "graphopt.pipeline"
 VERSION_KEY = "graphopt.version"
 VERIFIED_KEY = "graphopt.verified"
+PARTIAL_KEY = "graphopt.partial"
+"""On a model saved with --keep-partial: the error that stopped the pipeline."""
 
 
 def as_model(model: ModelLike) -> ir.Model:
@@ -34,7 +36,7 @@ def as_model(model: ModelLike) -> ir.Model:
     if isinstance(model, ir.Model):
         return model.clone()
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model)
+        return sparse.from_proto(model)
     if isinstance(model, (str, os.PathLike)):
         return io.load(model)
     raise UsageError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
@@ -67,6 +69,7 @@ def optimize(
     tolerance: Tolerance | None = None,
     verify: bool = True,
     deploy_check: bool = True,
+    keep_partial: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[ir.Model, Report]:
     """Run ``pipeline`` on ``model``, verifying after every pass; the input is never modified.
@@ -74,6 +77,7 @@ def optimize(
     Returns the optimized model and the :class:`~graphopt.report.Report`. Raises
     :class:`~graphopt.errors.VerificationError` when a pass breaks its budget and
     ``on_violation="fail"``; with ``"rollback"`` that pass is undone and the rest go on.
+    With ``keep_partial``, a failing pass's error carries ``.partial``: the model from before it.
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     name = str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory>"
@@ -85,12 +89,17 @@ def optimize(
     if verify:
         data, _ = prepare_inputs(work, inputs, input_shape=input_shape, samples=samples, seed=seed)
         verifier = Verifier(work, data, deploy=deploy_check)
-        verification = verifier.unavailable or "on"
+        verification = verifier.status
     calib = Calibration(tuple(prepare_inputs(work, calibration, input_shape=input_shape, samples=max(samples, 8), seed=seed + 1)[0])) if calibration is not None else None
     if calib is None and data:
         calib = Calibration(tuple(data))
-    settings = RunSettings(on_violation=on_violation, tolerance=tolerance, calibration=calib, progress=progress)
-    result, records = run_pipeline(work, passes, verifier, settings)
+    settings = RunSettings(on_violation=on_violation, tolerance=tolerance, calibration=calib, keep_partial=keep_partial, progress=progress)
+    try:
+        result, records = run_pipeline(work, passes, verifier, settings)
+    except GraphoptError as e:
+        if (partial := getattr(e, "partial", None)) is not None:
+            partial.metadata_props[PARTIAL_KEY] = str(e)
+        raise
     kept = [r for r in records if r.verdict != "rolled-back"]
     applied = format_pipeline(_without_rolled_back(passes, records), full=True)
     stamp(result, applied, verified=verification == "on" and all(r.verified for r in records))

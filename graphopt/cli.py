@@ -42,11 +42,13 @@ def default_pipeline() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _written.clear()
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        err.print("graphopt: interrupted; no output was written")
+        done = f"{', '.join(map(str, _written))} was written completely" if _written else "no output was written"
+        err.print(f"graphopt: interrupted; {done}", markup=False, soft_wrap=True)
         return Interrupted.exit_code
     except GraphoptError as e:
         if args.debug:
@@ -58,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         err.print(f"graphopt: internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug)", markup=False, soft_wrap=True)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_written: list[Path] = []
+"""Files the current command has saved (an interrupt after saving must not claim nothing was)."""
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -138,8 +146,7 @@ def _optimize(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path.cwd() / (model_path.name.removesuffix(".onnx") + ".opt.onnx")
     if io.same_file(model_path, output):
         raise UsageError(f"output '{output}' is the input model: choose another path")
-    if not output.parent.is_dir():
-        raise UsageError(f"output directory '{output.parent}' does not exist")
+    io.check_output_dir(output.parent)
     pipeline = parse_pipeline(read_pipeline_arg(args.pipeline) if args.pipeline else default_pipeline())
     if args.no_verify:
         err.print("[yellow]graphopt: warning: verification is off (--no-verify); nothing proves the output matches the input[/]")
@@ -163,6 +170,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 tolerance=parse_tolerance(args.tolerance),
                 verify=not args.no_verify,
                 deploy_check=not args.no_deploy_check,
+                keep_partial=args.keep_partial,
                 progress=progress,
             )
         finally:
@@ -171,11 +179,12 @@ def _optimize(args: argparse.Namespace) -> int:
     except GraphoptError as e:
         partial = getattr(e, "partial", None)
         if args.keep_partial and partial is not None:
-            io.save(partial, output, protect=(model_path,))
+            _written.extend(io.save(partial, output, protect=(model_path,)))
             err.print(f"graphopt: kept the model from before the failing pass in {output}")
         raise
     report.model = str(model_path)
     written = io.save(result, output, protect=(model_path,))
+    _written.extend(written)
     if args.report:
         report.write_json(args.report)
     if args.json:
@@ -192,7 +201,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if report.verification not in ("on", "off") or unverified:
         why = report.verification if report.verification not in ("on", "off") else unverified[0].unverified
         if not args.allow_unverified:
-            raise UnverifiedError(f"output written, but verification could not run: {why} (pass --allow-unverified to accept)")
+            raise UnverifiedError(f"output written, but not fully verified: {why} (pass --allow-unverified to accept)")
         err.print(f"graphopt: warning: unverified: {why}", markup=False)
     return 0
 

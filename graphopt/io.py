@@ -8,15 +8,20 @@ or that came with external data, are saved with external data next to the output
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphopt import sparse
 from graphopt.edit import iter_tensors
 from graphopt.errors import ModelError, UsageError
 
@@ -54,7 +59,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
         except Exception as e:
             raise ModelError(f"'{path}' fails onnx.checker: {type(e).__name__}: {_short(e)}") from None
     try:
-        model = ir.from_proto(proto)
+        model = sparse.from_proto(proto)  # keeps sparse_initializer (onnx_ir drops it)
     except Exception as e:
         raise ModelError(f"'{path}' cannot be read into onnx_ir: {type(e).__name__}: {_short(e)}") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
@@ -95,8 +100,7 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, 
     parent = path.parent if str(path.parent) else Path(".")
     if path.exists() and path.is_dir():
         raise UsageError(f"output '{path}' is a directory")
-    if not parent.is_dir():
-        raise UsageError(f"output directory '{parent}' does not exist")
+    check_output_dir(parent)
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output directory '{parent}' is not writable")
     protected = {p.resolve() for p in protect} | external_files(model)
@@ -107,19 +111,44 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, 
     for target in targets:
         if target.resolve() in protected:
             raise UsageError(f"refusing to overwrite '{target}': it is the input model or its data")
-    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.tmp") as tmp:
-        tmp_model = Path(tmp) / path.name
-        try:
-            if external:
-                ir.save(model, tmp_model, external_data=data_name)
-            else:
-                ir.save(model, tmp_model)
-        except ValueError as e:
-            raise UsageError(f"cannot serialize the model to '{path}': {_short(e)}") from None
-        if external:
-            os.replace(Path(tmp) / data_name, parent / data_name)
-        os.replace(tmp_model, path)
+    try:
+        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.tmp") as tmp:
+            tmp_model = Path(tmp) / path.name
+            try:
+                if external:
+                    ir.save(model, tmp_model, external_data=data_name)
+                else:
+                    sparse.save(model, tmp_model)  # marked initializers as sparse_initializer
+            except ValueError as e:
+                raise UsageError(f"cannot serialize the model to '{path}': {_short(e)}") from None
+            with _signals_deferred():  # an interrupt between the two renames would pair new data with an old model
+                if external:
+                    os.replace(Path(tmp) / data_name, parent / data_name)
+                os.replace(tmp_model, path)
+    except OSError as e:  # read-only or full file system, permissions root doesn't bypass
+        raise UsageError(f"cannot write '{path}': {e.strerror or _short(e)}") from None
     return targets
+
+
+def check_output_dir(parent: Path) -> None:
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"output directory '{parent}' is not a directory")
+    if not parent.is_dir():
+        raise UsageError(f"output directory '{parent}' does not exist")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -130,5 +159,5 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    text = " ".join(str(e).split())  # checker messages span lines: keep them, on one
+    return text[:300] if text else type(e).__name__

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphopt import sparse
 from graphopt.data import Sample
 from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
 from graphopt.metrics import OutputError, Tolerance, compare_outputs
@@ -56,7 +59,7 @@ def make_session(model: ir.Model, level: Level, threads: int | None = None) -> o
     options = session_options(level, threads)
     try:
         if tensor_bytes(model) < EXTERNAL_THRESHOLD and not _has_external(model):
-            return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(sparse.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
@@ -85,9 +88,34 @@ def run(model: ir.Model, samples: Sequence[Sample], level: Level) -> list[dict[s
     return outputs
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"(?:Load model from \S+ failed:)?\s*/onnxruntime_src/\S+:\d+ ")
+_OPSET_TOO_NEW = re.compile(r"Opset (\d+) is under development.*Current official support for domain (\S+) is till opset (\d+)")
+
+
 def _one_line(e: BaseException) -> str:
+    """ORT's message without its error-code prefix and C++ source location and signature."""
     text = " ".join(str(e).split())
+    text = _ORT_PREFIX.sub("", text)
+    if m := _ORT_SOURCE.search(text):
+        text = text[: m.start()] + _after_signature(text[m.end() :])
+    if m := _OPSET_TOO_NEW.search(text):
+        return f"the model's {m.group(2)} opset {m.group(1)} is newer than onnxruntime {ort.__version__} supports ({m.group(3)})"
+    text = text.strip()
     return text[:400] if text else type(e).__name__
+
+
+def _after_signature(text: str) -> str:
+    """Drop a leading C++ function signature ``ret ns::f(args...)`` (balanced parentheses)."""
+    start = text.find("(")
+    if start < 0 or " " not in text[:start] and "::" not in text[:start]:
+        return text
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[i + 1 :].lstrip()
+    return text
 
 
 @dataclasses.dataclass
@@ -102,28 +130,60 @@ class Check:
 
 
 class Verifier:
-    """Reference outputs of the input model, and the check every modified model must pass."""
+    """Reference outputs of the input model, and the check every modified model must pass.
+
+    When onnxruntime cannot run the input model because of ops it has no kernel for (a custom
+    domain, say), the outputs that don't depend on them are still checked: ``unchecked`` names
+    the others and why. ``unavailable`` says why nothing at all could be checked.
+    """
 
     def __init__(self, model: ir.Model, samples: Sequence[Sample], *, deploy: bool = True) -> None:
         self.samples = list(samples)
         self.deploy = deploy
         self.unavailable = ""
+        self.unchecked: dict[str, str] = {}
+        self.reference: list[dict[str, np.ndarray]] = []
         try:
             self.reference = run(model, self.samples, "exact")
         except OrtFailure as e:
-            self.reference = []
-            self.unavailable = f"onnxruntime cannot run the input model: {e}"
+            blocked = unsupported_outputs(model)
+            if blocked and len(blocked) < len(model.graph.outputs):
+                self.unchecked = blocked
+                try:
+                    self.reference = run(self.checkable(model), self.samples, "exact")
+                except OrtFailure as e2:
+                    self.unchecked = {}
+                    self.unavailable = f"onnxruntime cannot run the input model: {e2}"
+            else:
+                self.unavailable = f"onnxruntime cannot run the input model: {next(iter(blocked.values()), e)}"
         self.previous = self.reference
         self.baseline: list[OutputError] | None = None
         if deploy and not self.unavailable:
             try:
-                self.baseline = compare_outputs(self.reference, run(model, self.samples, "deploy"))
+                self.baseline = compare_outputs(self.reference, run(self.checkable(model), self.samples, "deploy"))
             except OrtFailure as e:
                 logger.warning("deploy-level run of the input model failed: %s", e)
+
+    @property
+    def status(self) -> str:
+        """``"on"``, or one line saying what could not be verified and why."""
+        if self.unavailable:
+            return self.unavailable
+        if self.unchecked:
+            names = ", ".join(f"'{n}'" for n in self.unchecked)
+            return f"output{'s' if len(self.unchecked) > 1 else ''} {names} not checked: {next(iter(self.unchecked.values()))}"
+        return "on"
+
+    def checkable(self, model: ir.Model) -> ir.Model:
+        """``model`` restricted to the outputs onnxruntime can check (itself when that is all of them)."""
+        if not self.unchecked:
+            return model
+        return keep_outputs(model, [v.name for v in model.graph.outputs if v.name not in self.unchecked])
 
     def check(self, model: ir.Model, *, lossless: bool, budget: Tolerance) -> Check:
         if self.unavailable:
             return Check([], None, [], [], unverified=self.unavailable)
+        model = self.checkable(model)
         try:
             exact_out = run(model, self.samples, "exact")
         except OrtFailure as e:
@@ -149,3 +209,71 @@ class Verifier:
             self.previous = exact_out
         return Check(exact, deploy, vs_previous, violations)
 
+
+
+def _ort_kernels() -> set[tuple[str, str]]:
+    from onnxruntime.capi import _pybind_state
+
+    return {(d.domain, d.op_name) for d in _pybind_state.get_all_opkernel_def()}
+
+
+def _ort_can_run(node: ir.Node, model: ir.Model, kernels: set[tuple[str, str]]) -> str:
+    """Empty when onnxruntime has a kernel (or a function body) for ``node`` and its subgraphs; else why not."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    function = model.functions.get((node.domain, node.op_type, node.overload))
+    inner = [n for g in _subgraphs(node) for n in g] + (list(function) if function is not None else [])
+    for n in inner:
+        if why := _ort_can_run(n, model, kernels):
+            return why
+    if function is not None or (domain, node.op_type) in kernels or (domain, node.op_type) == ("", "Constant"):
+        return ""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, domain=domain)
+        if schema.has_function or schema.has_context_dependent_function:
+            return ""  # onnxruntime expands the schema's function body
+    except onnx.defs.SchemaError:
+        pass
+    return f"onnxruntime has no kernel for {domain or 'ai.onnx'}::{node.op_type}"
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
+def unsupported_outputs(model: ir.Model) -> dict[str, str]:
+    """Graph outputs that depend on a node onnxruntime has no kernel for, each with the reason."""
+    kernels = _ort_kernels()
+    out = {}
+    for output in model.graph.outputs:
+        seen: set[int] = set()
+        stack = [output]
+        while stack:
+            node = stack.pop().producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if why := _ort_can_run(node, model, kernels):
+                out[output.name or ""] = why
+                break
+            stack.extend(v for v in node.inputs if v is not None)
+            stack.extend(v for g in _subgraphs(node) for n in ir.traversal.RecursiveGraphIterator(g) for v in n.inputs if v is not None)
+    return out
+
+
+def keep_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` (tensors shared) computing only the named outputs."""
+    from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
+
+    copy = model.clone()
+    kept = [v for v in copy.graph.outputs if v.name in names]
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(kept)
+    RemoveUnusedNodesPass()(copy)
+    RemoveUnusedFunctionsPass()(copy)
+    return copy
