@@ -126,13 +126,22 @@ def _run_checked(
     elif not check.violations:
         record.verdict = "ok"
     elif snapshot is None or settings.on_violation == "fail":
-        raise VerificationError(f"pass '{p.name}' broke its budget ({budget}): {check.violations[0]}")
+        raise VerificationError(f"pass '{p.name}' broke its budget ({budget}): {check.violations[0]}{_worst_layer(layers)}")
     else:
-        logger.warning("rolling back %s: %s", p.name, check.violations[0])
+        logger.warning("rolling back %s: %s%s", p.name, check.violations[0], _worst_layer(layers))
         record.verdict = "rolled-back"
         record.after = before
         return snapshot
     return model
+
+
+def _worst_layer(layers: Sequence[dict]) -> str:
+    """For lossy passes that report per-layer ``sqnr_db``: the layer with the lowest, to name in a failure."""
+    scored = [r for r in layers if isinstance(r.get("sqnr_db"), (int, float))]
+    if not scored:
+        return ""
+    w = min(scored, key=lambda r: r["sqnr_db"])
+    return f"; lowest layer SQNR of the {len(scored)} changed: layer '{w.get('layer', '?')}' {w['sqnr_db']:.2f} dB"
 
 
 def _signature(model: ir.Model) -> list[tuple[str, str, str]]:
