@@ -1,0 +1,282 @@
+"""quantize-weights: constant MatMul/Gemm/Conv weights (and optionally Gather tables) stored as
+int8/int4 initializers read through DequantizeLinear, or as onnxruntime's MatMulNBits.
+
+Layouts, all in the form onnxruntime fuses:
+- 8 bits: per output channel (``axis`` 1 for ``X @ W``, 0 for Gemm ``transB=1``, ``W @ X`` and
+  Conv; opset 13) or per tensor (opset 10).
+- 4 bits: MatMul weights ``[K, N]`` blocked along K (``block_size``, opset 21), which ORT turns
+  into MatMulNBits at its default level; Gemm (``transA=0``) is rewritten to MatMul (+ Add bias)
+  for that; Conv weights per output channel. ``format=matmulnbits`` writes the contrib op
+  directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
+  to int8 at its default ``accuracy_level`` 4).
+The model's opset is raised by onnx's version converter when needed, verified with ORT first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.activations import capture, rows
+from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
+from graphopt.errors import UsageError
+from graphopt.layers import LinearLayer, linear_layers
+from graphopt.metrics import Tolerance
+from graphopt.passbase import GraphPass, PassResult, option
+from graphopt.registry import register
+from graphopt.passes._gptq import gptq
+from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, upgrade_opset
+from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE_4BIT = Tolerance(min_sqnr_db=15.0, min_cosine=0.99)
+"""Default budget at 4 bits (int8 has the class ``tolerance``); see benchmarks/results/quantize.md."""
+
+
+@register
+@dataclasses.dataclass
+class QuantizeWeights(GraphPass):
+    """Store constant MatMul/Gemm/Conv weights as int8 (per channel) or int4 (blocked) initializers read through DequantizeLinear.
+
+    Default budget: SQNR >= 30 dB and cosine >= 0.999 at 8 bits; 15 dB / 0.99 at 4 bits (checked at
+    ORT's default level, where 4-bit DQ->MatMul runs as MatMulNBits with int8 activations).
+    A model that already holds Q/DQ or quantized ops is left alone.
+    """
+
+    name = "quantize-weights"
+    lossless = False
+    uses_data = True
+    tolerance = Tolerance(min_sqnr_db=30.0, min_cosine=0.999)
+
+    bits: int = option(8, "weight bits: 8 or 4")
+    per_channel: bool = option(True, "8 bits: one scale per output channel (opset 13) instead of one per tensor")
+    symmetric: bool = option(True, "zero point at the middle of the range (no zero-point arithmetic) instead of min/max")
+    signed: bool = option(True, "int8/int4 weights (false: uint8/uint4)")
+    block_size: int = option(128, "4 bits: weights per scale along the reduction axis (power of 2, >= 16)")
+    format: Literal["qdq", "matmulnbits"] = option("qdq", "4 bits: DequantizeLinear (standard ONNX) or com.microsoft MatMulNBits")
+    rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm)")
+    gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
+    ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
+    exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
+    min_elements: int = option(256, "leave weights with fewer elements in float")
+
+    def budget(self, default: Tolerance | None = None) -> Tolerance:
+        own = self.tolerance if self.bits == 8 else TOLERANCE_4BIT
+        base = own.merged(default)
+        return base.merged(Tolerance(max_abs=self.budget_max_abs, min_sqnr_db=self.budget_min_sqnr, min_cosine=self.budget_min_cosine))
+
+    def call(self, model: ir.Model) -> PassResult:
+        self._check_options()
+        stats: Counter[str] = Counter()
+        if is_quantized(model):
+            return PassResult(model, modified=False, stats={"already_quantized": 1})
+        stats["folded_transpose"] = fold_transposed_weights(model, NameSet(model), [op for op in self.ops if op in ("MatMul", "Gemm")])
+        candidates = self._candidates(model, stats)
+        if not candidates:
+            return self._result(model, stats, [])
+        need = self._opset_needed()
+        per_tensor = False
+        if onnx_opset(model) < need:
+            why = upgrade_opset(model, need, self.calibration.samples if self.calibration else None)
+            if why and self.bits == 8 and self.per_channel and onnx_opset(model) >= 10:
+                per_tensor = True  # per-tensor DequantizeLinear exists since opset 10
+                stats["per_tensor_fallback"] += 1
+                logger.warning("%s: %s; falling back to per-tensor scales", self.name, why)
+            elif why:
+                logger.warning("%s: %s; nothing quantized", self.name, why)
+                stats["skipped_opset"] += len(candidates)
+                return self._result(model, stats, [])
+            else:
+                stats["opset_upgraded_to"] = need
+            candidates = self._candidates(model, Counter())  # the graph was rebuilt
+        activations = self._activations(model, candidates)
+        names = NameSet(model)
+        layers: list[dict[str, Any]] = []
+        for layer in candidates:
+            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""))
+            stats[record["choice"]] += 1
+            layers.append(record)
+        return self._result(model, stats, layers)
+
+    def _check_options(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError(f"quantize-weights: bits={self.bits}: use 8 or 4")
+        if self.bits == 4 and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise UsageError(f"quantize-weights: block-size={self.block_size}: use a power of 2 >= 16")
+        if self.format == "matmulnbits" and self.bits != 4:
+            raise UsageError("quantize-weights: format=matmulnbits needs bits=4")
+
+    def _opset_needed(self) -> int:
+        if self.bits == 4:
+            return 10 if self.format == "matmulnbits" else 21
+        return 13 if self.per_channel else 10
+
+    def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
+        stats = Counter({k: v for k, v in stats.items() if v})
+        modified = bool(stats["quantized"] or stats["folded_transpose"] or stats["opset_upgraded_to"])
+        logger.debug("%s: %s", self.name, dict(stats))
+        return PassResult(model, modified=modified, stats=dict(stats), layers=layers)
+
+    def _candidates(self, model: ir.Model, stats: Counter[str]) -> list[LinearLayer]:
+        out = []
+        ops = [op for op in self.ops if op in ("MatMul", "Gemm", "Conv")]
+        by_weight: dict[int, list[LinearLayer]] = {}
+        for layer in linear_layers(model, ops, float_only=False):
+            if layer.tensor.dtype != ir.DataType.FLOAT:
+                stats["skipped_dtype"] += 1
+            elif matches(layer.node, self.exclude, layer.weight):
+                stats["excluded"] += 1
+            elif int(np.prod(layer.shape)) < self.min_elements:
+                stats["too_small"] += 1
+            elif layer.weight.is_graph_output() or layer.weight.is_graph_input():
+                stats["skipped_shared"] += 1
+            else:
+                by_weight.setdefault(id(layer.weight), []).append(layer)
+        for group in by_weight.values():
+            if len(group) != len(group[0].weight.uses()):  # some reader is not a quantizable layer
+                stats["skipped_shared"] += len(group)
+            else:
+                out.extend(group)
+        if self.gather:
+            out.extend(_gather_tables(model, self.exclude, self.min_elements))
+        return out
+
+    def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
+        if self.rounding != "gptq" or self.calibration is None:
+            return {}
+        wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
+        return capture(model, self.calibration.samples, wanted)
+
+    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None) -> dict[str, Any]:
+        node, w = layer.node, layer.tensor.numpy()
+        record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
+        if layer.kind == "gemm" and self.bits == 4 and node.attributes.get_int("transA", 0) == 0:
+            if (converted := _gemm_to_matmul(layer, names, self.name)) is not None:
+                layer = converted
+                node, w = layer.node, layer.tensor.numpy()
+                record["rewritten"] = "Gemm->MatMul"
+        signed = self.signed and self.format != "matmulnbits"
+        qt = qtype(self.bits, signed)
+        axis, block = self._layout(layer, per_tensor)
+        search = self.rounding in ("mse", "gptq")
+        if self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
+            w_nk = layer.matrix().T
+            x = rows(acts, w_nk.shape[1])
+            g = gptq(w_nk, x, qt, block_size=block, symmetric=self.symmetric, search=True)
+            qw = _from_nk(g, layer)
+            record["rounding"] = "gptq"
+        else:
+            qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)
+            record["rounding"] = "mse" if search else "nearest"
+        record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
+        graph = node.graph
+        assert graph is not None
+        old = layer.weight
+        base = old.name or "w"
+        if self.format == "matmulnbits" and layer.kind == "matmul" and block and axis == 0:
+            _to_matmulnbits(layer, qw, names, self.name)
+            record["format"] = "MatMulNBits"
+        else:
+            zp = not (self.symmetric and signed)
+            node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, base, names, self.name, with_zero_point=zp))
+            record["format"] = "DequantizeLinear"
+        drop_if_unused(old)
+        record["bytes_before"], record["bytes_after"] = int(w.size * 4), _bytes(qw)
+        record["choice"] = "quantized"
+        return record
+
+    def _layout(self, layer: LinearLayer, per_tensor: bool) -> tuple[int | None, int]:
+        """(axis, block_size) of the scales for this layer's stored weight."""
+        if layer.kind == "gather":
+            return 0, 0
+        if self.bits == 8:
+            return (None, 0) if per_tensor or not self.per_channel else (layer.output_axis, 0)
+        if layer.kind == "conv":
+            return 0, 0  # int4 per output channel; blocks would cut kernels apart
+        return layer.reduction_axes[0], self.block_size
+
+
+def _bytes(qw: QuantizedWeight) -> int:
+    return (qw.q.size * qw.qt.bits + 7) // 8 + qw.scale.size * 4 + ((qw.zero_point.size * qw.qt.bits + 7) // 8)
+
+
+def _from_nk(g: QuantizedWeight, layer: LinearLayer) -> QuantizedWeight:
+    """A GPTQ result in ``[N, K]`` layout (axis 0 per-channel, axis 1 blocked) in the layer's stored layout."""
+    if layer.output_axis == 0:
+        return g
+    axis = 0 if g.block_size else 1
+    return QuantizedWeight(np.ascontiguousarray(g.q.T), np.ascontiguousarray(g.scale.T), np.ascontiguousarray(g.zero_point.T), g.qt, axis, g.block_size)
+
+
+def _gemm_to_matmul(layer: LinearLayer, names: NameSet, pass_name: str) -> LinearLayer | None:
+    """Gemm(A, B, C) with constant B and C -> MatMul(A, alpha*B') [+ Add(beta*C)], so the weight is [K, N]."""
+    node = layer.node
+    graph = node.graph
+    assert graph is not None
+    alpha, beta = node.attributes.get_float("alpha", 1.0), node.attributes.get_float("beta", 1.0)
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = constant_array(c) if c is not None else None
+    if c is not None and bias is None:
+        return None
+    weight = add_initializer(graph, (layer.matrix() * np.float32(alpha)).astype(np.float32), (layer.weight.name or "w") + "_kn", names)
+    out = node.outputs[0]
+    y = add_node(graph, node, "MatMul", [node.inputs[0], weight], {}, (out.name or "y") + "_matmul", names, pass_name)
+    matmul = y.producer()
+    assert matmul is not None
+    if bias is not None:
+        b = add_initializer(graph, (bias * np.float32(beta)).astype(np.float32), (c.name or "b") + "_bias", names)
+        y = add_node(graph, node, "Add", [y, b], {}, (out.name or "y") + "_bias", names, pass_name)
+    old_weight, old_bias = layer.weight, c
+    _take_over(out, y)
+    graph.remove(node, safe=True)
+    drop_if_unused(old_weight)
+    if old_bias is not None:
+        drop_if_unused(old_bias)
+    return LinearLayer(matmul, "matmul", 1)
+
+
+def _take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, keeping ``old``'s name, shape and type (graph outputs included)."""
+    name, shape, type_ = old.name, old.shape, old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name, new.shape, new.type = name, shape, type_
+
+
+def _to_matmulnbits(layer: LinearLayer, qw: QuantizedWeight, names: NameSet, pass_name: str) -> None:
+    node = layer.node
+    graph = node.graph
+    assert graph is not None
+    k, n = qw.q.shape
+    packed, scales, zp = pack_matmulnbits(qw)
+    base = layer.weight.name or "w"
+    inputs = [node.inputs[0], add_initializer(graph, packed, base + "_q4", names), add_initializer(graph, scales, base + "_scales", names)]
+    if np.any(np.asarray(qw.zero_point) != 8):
+        inputs.append(add_initializer(graph, zp, base + "_zero_points", names))
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": qw.block_size}
+    y = add_node(graph, node, "MatMulNBits", inputs, attrs, (node.outputs[0].name or "y") + "_nbits", names, pass_name, domain="com.microsoft")
+    if "com.microsoft" not in graph.opset_imports:
+        graph.opset_imports["com.microsoft"] = 1
+    _take_over(node.outputs[0], y)
+    graph.remove(node, safe=True)
+
+
+def _gather_tables(model: ir.Model, exclude: list[str], min_elements: int) -> list[LinearLayer]:
+    """Gather(constant 2-D float table, indices) along axis 0, seen as a layer of kind "gather"."""
+    out = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if not is_onnx_op(node, "Gather") or node.attributes.get_int("axis", 0) != 0:
+            continue
+        table = constant_array(node.inputs[0])
+        if table is None or table.dtype != np.float32 or table.ndim != 2 or table.size < min_elements:
+            continue
+        if matches(node, exclude, node.inputs[0]) or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
+            continue
+        out.append(LinearLayer(node, "gather", 0))  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,222 @@
+"""quantize-weights: layouts (per-channel axes, int4 blocks, MatMulNBits), ORT at both levels, opset upgrade, negatives."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import MODELS, assert_valid, feeds, outputs
+
+from graphopt.edit import constant_array, onnx_opset
+from graphopt.metrics import compare_outputs
+from graphopt.passbase import Calibration
+from graphopt.passes.quantize_weights import QuantizeWeights
+from graphopt.registry import all_passes
+
+RNG = np.random.default_rng(0)
+
+
+def _model(op: str, *, opset: int = 17, k: int = 64, n: int = 48, **attrs: int) -> ir.Model:
+    """One layer with a random constant weight: MatMul [B,K]x[K,N], Gemm (transB attr), Conv 3x3."""
+    h, T = onnx.helper, onnx.TensorProto
+    inits = []
+    if op == "MatMul":
+        inits.append(onnx.numpy_helper.from_array(RNG.standard_normal((k, n)).astype(np.float32), "w"))
+        node = h.make_node("MatMul", ["x", "w"], ["y"], name="layer")
+        x, y = [2, k], [2, n]
+    elif op == "Gemm":
+        shape = (n, k) if attrs.get("transB") else (k, n)
+        inits += [onnx.numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), "w"), onnx.numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), "b")]
+        node = h.make_node("Gemm", ["x", "w", "b"], ["y"], name="layer", **attrs)
+        x, y = [2, k], [2, n]
+    else:
+        inits += [onnx.numpy_helper.from_array(RNG.standard_normal((16, 8, 3, 3)).astype(np.float32), "w"), onnx.numpy_helper.from_array(RNG.standard_normal(16).astype(np.float32), "b")]
+        node = h.make_node("Conv", ["x", "w", "b"], ["y"], name="layer", pads=[1, 1, 1, 1])
+        x, y = [1, 8, 6, 6], [1, 16, 6, 6]
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, x)], [h.make_tensor_value_info("y", T.FLOAT, y)], inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    proto.ir_version = 7
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
+def _dq(model: ir.Model) -> ir.Node:
+    nodes = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(nodes) == 1
+    return nodes[0]
+
+
+def _optimized_ops(model: ir.Model) -> list[str]:
+    """Op types in ORT's optimized graph at its default level (ORT_ENABLE_ALL)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _check_both_levels(model: ir.Model, data: list, reference: list, min_sqnr: float) -> None:
+    assert_valid(model)
+    for level in ("exact", "deploy"):
+        errors = compare_outputs(reference, outputs(model, data, level))
+        assert all(e.sqnr_db >= min_sqnr for e in errors), (level, [e.sqnr_db for e in errors])
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "axis"),
+    [("MatMul", {}, 1), ("Gemm", {"transB": 1}, 0), ("Gemm", {}, 1), ("Conv", {}, 0)],
+    ids=["matmul", "gemm-transB", "gemm", "conv"],
+)
+def test_int8_per_channel_axis(op: str, attrs: dict, axis: int) -> None:
+    model = _model(op, **attrs)
+    data = feeds(model)
+    reference = outputs(model, data)
+    weight = constant_array(model.graph.node(0).inputs[1])
+    result = QuantizeWeights()(model)
+    assert result.modified and result.stats["quantized"] == 1
+    dq = _dq(model)
+    assert dq.attributes.get_int("axis") == axis
+    q, scale = constant_array(dq.inputs[0]), constant_array(dq.inputs[1])
+    assert q.dtype == np.int8 and scale.shape == (weight.shape[axis],)
+    assert len(dq.inputs) == 2  # symmetric int8: zero point 0 is left out
+    assert np.abs(q).max() == 127  # each channel's largest weight maps to +-127
+    _check_both_levels(model, data, reference, 35.0)
+    assert not QuantizeWeights()(model).modified  # idempotent
+
+
+def test_int8_asymmetric_uint8_has_zero_point() -> None:
+    model = _model("MatMul")
+    data = feeds(model)
+    reference = outputs(model, data)
+    assert QuantizeWeights(symmetric=False, signed=False)(model).modified
+    dq = _dq(model)
+    assert constant_array(dq.inputs[0]).dtype == np.uint8 and constant_array(dq.inputs[2]).shape == (48,)
+    _check_both_levels(model, data, reference, 35.0)
+
+
+def test_int4_blocked_layout_and_matmulnbits_fusion() -> None:
+    model = _model("MatMul", k=80, n=32)
+    data = feeds(model)
+    reference = outputs(model, data)
+    result = QuantizeWeights(bits=4, block_size=32)(model)
+    assert result.stats["opset_upgraded_to"] == 21 and onnx_opset(model) == 21 and model.ir_version >= 10
+    dq = _dq(model)
+    assert dq.attributes.get_int("axis") == 0 and dq.attributes.get_int("block_size") == 32
+    assert dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert constant_array(dq.inputs[1]).shape == (3, 32)  # ceil(80 / 32) blocks along K
+    _check_both_levels(model, data, reference, 15.0)
+    assert "MatMulNBits" in _optimized_ops(model)
+    assert not QuantizeWeights(bits=4, block_size=32)(model).modified
+
+
+def test_int4_gemm_becomes_matmul_with_bias() -> None:
+    model = _model("Gemm", transB=1, k=64, n=32)
+    data = feeds(model)
+    reference = outputs(model, data)
+    result = QuantizeWeights(bits=4, block_size=32)(model)
+    assert result.layers[0]["rewritten"] == "Gemm->MatMul"
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul", "Add"]
+    assert model.graph.outputs[0].name == "y"
+    _check_both_levels(model, data, reference, 15.0)
+
+
+def test_int4_conv_is_per_channel() -> None:
+    model = _model("Conv")
+    data = feeds(model)
+    reference = outputs(model, data)
+    assert QuantizeWeights(bits=4, block_size=32)(model).modified
+    dq = _dq(model)
+    assert dq.attributes.get_int("axis") == 0 and dq.attributes.get_int("block_size", 0) == 0
+    _check_both_levels(model, data, reference, 12.0)
+
+
+def test_matmulnbits_format_keeps_opset() -> None:
+    model = _model("MatMul", k=64, n=16)
+    data = feeds(model)
+    reference = outputs(model, data)
+    assert QuantizeWeights(bits=4, block_size=32, format="matmulnbits", symmetric=False)(model).modified
+    node = next(iter(model.graph))
+    assert (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits") and onnx_opset(model) == 17
+    assert node.attributes.get_int("K") == 64 and node.attributes.get_int("N") == 16 and len(node.inputs) == 4
+    _check_both_levels(model, data, reference, 15.0)
+
+
+def test_opset11_model_is_upgraded_for_per_channel() -> None:
+    model = _model("Gemm", opset=11, transB=1)
+    data = feeds(model)
+    reference = outputs(model, data)
+    result = QuantizeWeights()(model)
+    assert result.stats["opset_upgraded_to"] == 13 and onnx_opset(model) == 13
+    assert _dq(model).attributes.get_int("axis") == 0
+    _check_both_levels(model, data, reference, 35.0)
+
+
+def test_gptq_lowers_output_error() -> None:
+    model = _model("MatMul", k=128, n=32)
+    x = RNG.standard_normal((64, 128)).astype(np.float32) * np.linspace(0.1, 3, 128, dtype=np.float32)  # uneven input scales
+    data = [{"x": x[i : i + 2]} for i in range(0, 64, 2)]
+    reference = outputs(model, data)
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        m = model.clone()
+        p = QuantizeWeights(bits=4, block_size=32, rounding=rounding)
+        p.calibration = Calibration(tuple(data))
+        assert p(m).modified
+        sqnr[rounding] = compare_outputs(reference, outputs(m, data))[0].sqnr_db
+    assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
+
+
+def test_transposed_constant_weight_is_folded_and_quantized() -> None:
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,32] x) => (float[2,16] y) <float[16,32] w = {%s}> { t = Transpose<perm=[1,0]>(w)  y = MatMul(x, t) }""" % ",".join(
+        f"{v:.4f}" for v in RNG.standard_normal(512)
+    )
+    proto = onnx.parser.parse_model(text)
+    model = ir.from_proto(proto)
+    data = feeds(model)
+    reference = outputs(model, data)
+    result = QuantizeWeights(min_elements=16)(model)
+    assert result.stats["folded_transpose"] == 1 and result.stats["quantized"] == 1
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]
+    _check_both_levels(model, data, reference, 35.0)
+
+
+def test_leaves_alone_small_excluded_shared_and_quantized() -> None:
+    small = _model("MatMul", k=8, n=8)
+    assert not QuantizeWeights()(small).modified
+    excluded = _model("MatMul")
+    result = QuantizeWeights(exclude=["lay*"])(excluded)
+    assert not result.modified and result.stats == {"excluded": 1}
+    shared = _model("MatMul", k=32, n=32)
+    shared.graph.append(ir.Node("", "Add", [shared.graph.node(0).inputs[1], shared.graph.node(0).inputs[1]], num_outputs=1))
+    assert not QuantizeWeights()(shared).modified  # the weight is also read by an Add
+    done = _model("MatMul")
+    QuantizeWeights()(done)
+    again = QuantizeWeights(bits=4)(done)
+    assert not again.modified and again.stats == {"already_quantized": 1}
+
+
+def test_trained_cnn_int8_and_int4() -> None:
+    model = ir.load(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_cnn_test.npz") as npz:
+        data = [{"input": npz["input"][:64]}]
+    reference = outputs(model, data)
+    for bits, floor in ((8, 40.0), (4, 18.0)):
+        m = model.clone()
+        result = QuantizeWeights(bits=bits)(m)
+        assert result.stats["quantized"] == 3 and result.stats["too_small"] == 1  # the first conv has 144 weights
+        _check_both_levels(m, data, reference, floor)
+
+
+@pytest.mark.skipif("svd-split" not in all_passes(), reason="svd-split not available")
+def test_after_svd_split() -> None:
+    import graphopt
+
+    model, report = graphopt.optimize(MODELS / "digits_mlp_wide.onnx", "svd-split,quantize-weights", inputs=MODELS / "digits_mlp_wide_test.npz")
+    assert report.records[-1].verdict == "ok" and report.records[-1].stats["quantized"] >= 4
