@@ -78,7 +78,7 @@ class NameSet:
 
 def add_initializer(graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, base: str, names: NameSet) -> ir.Value:
     """Register a new initializer with a fresh name built from ``base``."""
-    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.ascontiguousarray(array))
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.require(array, requirements="C"))  # ascontiguousarray makes 0-d 1-d
     name = names.fresh(base)
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -126,6 +126,10 @@ def bypass(node: ir.Node, output_index: int, replacement: ir.Value) -> bool:
     if replacement.producer() is not None and replacement.producer().graph is not graph:
         return False  # an outer-scope value: renaming it would change another graph
     name = out.name
+    if replacement.type is None:  # the graph output keeps its declared type (the signature check reads it)
+        replacement.type = out.type
+    if replacement.shape is None:
+        replacement.shape = out.shape
     out.replace_all_uses_with(replacement, replace_graph_outputs=True)
     out.name = None
     replacement.name = name
