@@ -1,0 +1,123 @@
+"""Helpers the cleanup passes share: what counts as a constant, static shapes, output replacement."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.edit import NameSet, add_initializer, constant_tensor, drop_if_unused, is_onnx_op
+
+
+def legacy_constants(model: ir.Model) -> bool:
+    """True when initializers listed as graph inputs are constants anyway.
+
+    Before IR version 4 every initializer had to be listed as a graph input; onnxruntime treats
+    them as constants there (it refuses a feed for them), so the values can't change at run time.
+    The inputs stay in the signature; only their values are read.
+    """
+    return (model.ir_version or 99) < 4
+
+
+def const_tensor(value: ir.Value | None, legacy: bool) -> ir.TensorProtocol | None:
+    """``graphopt.edit.constant_tensor``, plus initializer-inputs of IR<4 models when ``legacy``."""
+    tensor = constant_tensor(value)
+    if tensor is None and legacy and value is not None and value.is_graph_input() and value.is_initializer():
+        return value.const_value
+    return tensor
+
+
+def const_array(value: ir.Value | None, legacy: bool) -> np.ndarray | None:
+    tensor = const_tensor(value, legacy)
+    return None if tensor is None else tensor.numpy()
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape as ints when every dimension is known."""
+    if value is None or value.shape is None or not value.shape.is_static():
+        return None
+    return tuple(int(d) for d in value.shape)
+
+
+def rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def scalar_flag(value: ir.Value | None, legacy: bool) -> bool | None:
+    """A constant scalar input read as a bool; None when it is not a constant."""
+    array = const_array(value, legacy)
+    if array is None or array.size != 1:
+        return None
+    return bool(array.reshape(()).item())
+
+
+def ints_input_or_attr(node: ir.Node, index: int, attr: str, legacy: bool) -> list[int] | None:
+    """An ints operand that moved from an attribute to an input across opsets (axes, pads)."""
+    if (a := node.attributes.get(attr)) is not None:
+        return [int(x) for x in a.as_ints()]
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        array = const_array(node.inputs[index], legacy)
+        return None if array is None else [int(x) for x in array.reshape(-1)]
+    return None
+
+
+def replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
+    """Point every user of ``old`` (graph outputs too) at ``new``, which takes ``old``'s name.
+
+    ``new`` must be a fresh value nobody else names (a new node's output or a new initializer).
+    """
+    name = old.name
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
+def to_identity(node: ir.Node, data: ir.Value) -> None:
+    """Replace single-output ``node`` by ``Identity(data)`` writing to the same output name."""
+    graph = node.graph
+    assert graph is not None
+    identity = ir.node("Identity", [data])
+    graph.insert_after(node, identity)
+    for out in node.outputs[1:]:
+        assert not out.uses() and not out.is_graph_output()
+    replace_keeping_name(node.outputs[0], identity.outputs[0])
+    graph.remove(node, safe=True)
+
+
+def is_std(node: ir.Node, op: str | tuple[str, ...]) -> bool:
+    return is_onnx_op(node, op)
+
+
+def new_constant(graph: ir.Graph, array: np.ndarray, base: str, names: NameSet, *, as_node: bool, before: ir.Node | None = None) -> ir.Value:
+    """A new constant value: an initializer, or (IR<4 models, whose initializers must all be graph
+    inputs) the output of a new Constant node placed before ``before`` (or first in the graph)."""
+    if not as_node:
+        return add_initializer(graph, array, base, names)
+    tensor = ir.tensor(np.require(array, requirements="C"))  # not ascontiguousarray: it turns 0-d into 1-d
+    out = ir.Value(name=names.fresh(base), type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    node = ir.node("Constant", [], {"value": tensor}, outputs=[out])
+    anchor = before if before is not None else next(iter(graph), None)
+    if anchor is None:
+        graph.append(node)
+    else:
+        graph.insert_before(anchor, node)
+    return out
+
+
+def replace_input(node: ir.Node, index: int, array: np.ndarray, names: NameSet, *, as_node: bool) -> ir.Value:
+    """``graphopt.edit.replace_weight`` that also works for IR<4 models (see :func:`new_constant`);
+    appends the input when ``node`` has fewer than ``index + 1``."""
+    graph = node.graph
+    assert graph is not None
+    old = node.inputs[index] if len(node.inputs) > index else None
+    base = old.name if old is not None and old.name else (f"{node.name or node.op_type}_in{index}")
+    new = new_constant(graph, array, base, names, as_node=as_node, before=node)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
+    if old is not None:
+        drop_if_unused(old)
+    return new
