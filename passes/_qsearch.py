@@ -1,0 +1,142 @@
+"""The two searches of quantize-static that decide which layers stay in float.
+
+- sensitivity: quantize each compute node alone, rank by the output SQNR that costs, then keep the
+  most harmful ones in float (greedily, most harmful first) until the whole model meets a target;
+- latency: time each weighted layer (Conv/MatMul/Gemm) in float and as its int8 QDQ pattern with
+  onnxruntime on this machine (ORT's default level, 1 thread, interleaved medians) and keep in
+  float those where int8 is not faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.data import Sample
+from graphopt.metrics import compare_outputs, worst
+from graphopt.passes._qmath import QType
+from graphopt.passes._qstatic import WEIGHTED, Plan, apply_plan
+from graphopt.verify import make_session, run
+
+Build = Callable[[set[int]], tuple[ir.Model, Plan]]
+
+
+def output_sqnr(model: ir.Model, samples: Sequence[Sample], reference: list[dict[str, np.ndarray]]) -> float:
+    """Worst-output SQNR at ORT's default level against the float reference."""
+    got = run(model, samples, "deploy")
+    w = worst(compare_outputs(reference, got))
+    return w.sqnr_db if w is not None else float("inf")
+
+
+def sensitivity(build: Build, compute: list[int], samples: Sequence[Sample], reference: list, target: float, labels: dict[int, str]) -> tuple[set[int], list[dict[str, Any]], float]:
+    """Indices to keep in float, a record per node, and the SQNR reached."""
+    full = output_sqnr(build(set())[0], samples, reference)
+    if full >= target:
+        return set(), [], full
+    alone = {}
+    for i in compute:
+        alone[i] = output_sqnr(build(set(compute) - {i})[0], samples, reference)
+    order = sorted(compute, key=lambda i: alone[i])
+    keep: set[int] = set()
+    reached = full
+    for i in order:
+        keep.add(i)
+        reached = output_sqnr(build(keep)[0], samples, reference)
+        if reached >= target:
+            break
+    records = [{"name": labels[i], "alone_sqnr_db": round(alone[i], 2), "choice": "float" if i in keep else "int8", "reason": "sensitivity" if i in keep else ""} for i in order]
+    return keep, records, reached
+
+
+def time_layers(model: ir.Model, plan: Plan, params: dict, qt: QType, per_channel: bool, sample_shapes: dict[str, tuple[int, ...]], tag: str) -> dict[int, tuple[float, float]]:
+    """(float ms, int8 ms) per weighted compute node of ``plan``, each timed in isolation."""
+    nodes = list(model.graph)
+    out = {}
+    for i in plan.compute:
+        node = nodes[i]
+        if node.op_type not in WEIGHTED:
+            continue
+        x = node.inputs[0]
+        y = node.outputs[0]
+        x_key = x.name if x.name in params else None
+        y_key = next((t for t in (y.name, *(u.outputs[0].name for u, _ in y.uses() if u.op_type == "Relu")) if t in params), None)
+        if x_key is None or x.name not in sample_shapes:
+            continue
+        float_model = _micro(node, x, sample_shapes[x.name])
+        int8_model = _micro(node, x, sample_shapes[x.name])
+        micro_plan = Plan([0], {}, [x.name] + ([y.name] if y_key else []), {}, {})
+        micro_params = {x.name: params[x_key]} | ({y.name: params[y_key]} if y_key else {})
+        apply_plan(int8_model, micro_plan, micro_params, qt, per_channel, tag)
+        _int8_boundaries(int8_model, qt)
+        feeds = [_feed(m) for m in (float_model, int8_model)]
+        sessions = [make_session(m, "deploy", threads=1) for m in (float_model, int8_model)]
+        times: list[list[float]] = [[], []]
+        for _ in range(3):
+            for k in (0, 1):
+                times[k].append(_median_ms(sessions[k], feeds[k]))
+        out[i] = (statistics.median(times[0]), statistics.median(times[1]))
+    return out
+
+
+def _micro(node: ir.Node, x: ir.Value, shape: tuple[int, ...]) -> ir.Model:
+    """A model holding a copy of ``node`` alone: activation input as graph input, constants as initializers."""
+    x_in = ir.Value(name=x.name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    inputs: list[ir.Value | None] = [x_in]
+    inits = []
+    for v in node.inputs[1:]:
+        if v is None:
+            inputs.append(None)
+            continue
+        c = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=v.const_value if v.const_value is not None else ir.convenience.get_const_tensor(v))
+        inputs.append(c)
+        inits.append(c)
+    y = ir.Value(name=node.outputs[0].name, type=ir.TensorType(ir.DataType.FLOAT))
+    copy = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()), outputs=[y])
+    out = ir.Value(name=(y.name or "y") + "_out", type=ir.TensorType(ir.DataType.FLOAT))
+    ident = ir.Node("", "Identity", [y], outputs=[out])
+    graph = ir.Graph([x_in], [out], nodes=[copy, ident], initializers=inits, opset_imports=dict(node.graph.opset_imports))  # type: ignore[union-attr]
+    return ir.Model(graph, ir_version=10)
+
+
+def _int8_boundaries(model: ir.Model, qt: QType) -> None:
+    """Feed the int8 pattern int8 directly and read its int8 output: inside a quantized chain the
+    float<->int8 conversions at a layer's edges are shared with its neighbours."""
+    graph = model.graph
+    x = graph.inputs[0]
+    q = next(u for u, _ in x.uses() if u.op_type == "QuantizeLinear")
+    xq = ir.Value(name=x.name + "_q", shape=x.shape, type=ir.TensorType(qt.dtype))
+    q.outputs[0].replace_all_uses_with(xq)
+    graph.remove(q, safe=True)
+    graph.inputs[0] = xq
+    ident = next(n for n in graph if n.op_type == "Identity")
+    dq = ident.inputs[0].producer()
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        yq = dq.inputs[0]
+        graph.outputs[0] = yq
+        graph.remove([ident, dq], safe=True)
+
+
+def _feed(model: ir.Model) -> dict[str, np.ndarray]:
+    v = model.graph.inputs[0]
+    shape = tuple(int(d) for d in v.shape)
+    rng = np.random.default_rng(0)
+    if v.dtype == ir.DataType.FLOAT:
+        return {v.name: rng.standard_normal(shape).astype(np.float32)}
+    return {v.name: rng.integers(0, 100, size=shape).astype(v.dtype.numpy())}
+
+
+def _median_ms(session: Any, feed: dict[str, np.ndarray], repeats: int = 15, min_seconds: float = 0.03) -> float:
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3

@@ -1,0 +1,331 @@
+"""Planning and rewriting for quantize-static: which tensors get Q->DQ, which weights DQ, in the
+QDQ layout onnxruntime fuses into QLinearConv / QLinearMatMul / QGemm / QLinearAdd / ...
+
+The plan works on node *indices* in the main graph (stable across ``ir.Model.clone``), so the
+sensitivity and latency searches can rebuild variants of the same plan on clones.
+
+Rules (each one what ORT's QDQ selectors need on x86):
+- a *compute* node (Conv, MatMul, Gemm, Add, Mul, Concat, AveragePool, GlobalAveragePool) reads
+  its float activation inputs through DQ(Q(x)); Conv/Gemm/MatMul constant weights through an
+  int8 DQ (per channel, symmetric) and Conv/Gemm 1-D biases through an int32 DQ with scale
+  ``s_x * s_w`` (what QLinearConv/QGemm take);
+- its output gets Q->DQ too when the fused kernel needs an int8 output (Conv/Add/Mul/Concat/pools)
+  or when every reader is quantized (MatMul/Gemm, else they run as MatMulIntegerToFloat / QGemm
+  with float output); graph outputs stay float;
+- ``Relu`` right after a compute node is absorbed: the Q covers the Relu output's range, which
+  starts at 0, so its zero point is qmin and saturation does the Relu (exact, as ORT's own tool);
+- data-movement nodes (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool, Dropout, Identity)
+  share their input's scale, so ORT drops their Q/DQ and runs them on int8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401
+
+from graphopt.activations import capture
+from graphopt.data import Sample
+from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op
+from graphopt.layers import as_linear_layer
+from graphopt.passes._calibrate import Method, tensor_range
+from graphopt.passes._qgraph import add_dequantize, matches
+from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight, quantize, quantize_weight, scale_zero_point
+
+COMPUTE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
+NEEDS_INT8_OUTPUT = ("Conv", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
+TRANSPARENT = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Dropout", "Identity")
+WEIGHTED = ("Conv", "MatMul", "Gemm")
+
+
+@dataclasses.dataclass
+class Plan:
+    compute: list[int]  # node indices quantized
+    absorbed: dict[int, int]  # relu index -> producer index
+    tensors: list[str]  # names of tensors that get Q->DQ (after Relu absorption: the Relu output's name)
+    groups: dict[str, str]  # tensor -> group root (tensors sharing one scale)
+    skipped: dict[str, int]
+
+
+def float_tensors(model: ir.Model) -> dict[str, int | None]:
+    """Float32 values of the main graph and their rank (types from onnx shape inference on a clone)."""
+    clone = model.clone()
+    try:
+        ir.passes.common.ShapeInferencePass()(clone)
+    except Exception:  # noqa: BLE001  (inference is best effort; untyped values count as not float)
+        pass
+    values = list(clone.graph.inputs) + [v for node in clone.graph for v in node.outputs]
+    return {v.name: (len(v.shape) if v.shape is not None else None) for v in values if v.name and v.dtype == ir.DataType.FLOAT}
+
+
+def fuse_matmul_add(model: ir.Model, ranks: dict[str, int | None], names: NameSet) -> int:
+    """MatMul(X 2-D, constant W) -> Add(constant bias [N]) into Gemm(X, W, bias), as ORT's own
+    MatMulAddFusion does before its QDQ fusions (it would otherwise leave DQ -> Gemm unfused)."""
+    fused = 0
+    for node in list(model.graph):
+        if not is_onnx_op(node, "MatMul") or ranks.get(node.inputs[0].name) != 2:
+            continue
+        w = constant_array(node.inputs[1])
+        y = node.outputs[0]
+        if w is None or w.ndim != 2 or len(y.uses()) != 1 or y.is_graph_output():
+            continue
+        add, k = next(iter(y.uses()))
+        bias = constant_array(add.inputs[1 - k]) if is_onnx_op(add, "Add") else None
+        if bias is None or bias.dtype != np.float32 or bias.shape not in ((w.shape[1],), (1, w.shape[1])):
+            continue
+        b = add_initializer(model.graph, bias.reshape(-1), (add.inputs[1 - k].name or "b") + "_gemm", names)
+        out = ir.Value(name=names.fresh((add.outputs[0].name or "y") + "_gemm"), type=add.outputs[0].type, shape=add.outputs[0].shape)
+        gemm = ir.Node("", "Gemm", [node.inputs[0], node.inputs[1], b], outputs=[out], name=names.fresh(node.name or "gemm"))
+        model.graph.insert_after(add, gemm)
+        old = add.outputs[0]
+        name = old.name
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        old_bias = add.inputs[1 - k]
+        model.graph.remove([add, node], safe=True)
+        old.name, out.name = None, name
+        drop_if_unused(old_bias)
+        fused += 1
+    return fused
+
+
+def fold_batchnorm(model: ir.Model, names: NameSet) -> int:
+    """Conv -> BatchNormalization (inference form, constant parameters, sole reader) into one Conv."""
+    folded = 0
+    for bn in list(model.graph):
+        if not is_onnx_op(bn, "BatchNormalization") or len(bn.outputs) != 1 or bn.attributes.get_int("training_mode", 0):
+            continue
+        conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+        if conv is None or not is_onnx_op(conv, "Conv") or len(bn.inputs[0].uses()) != 1 or bn.inputs[0].is_graph_output():
+            continue
+        params = [constant_array(v) for v in bn.inputs[1:5]]
+        w = constant_array(conv.inputs[1])
+        b = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        if w is None or any(p is None for p in params) or (len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None):
+            continue
+        gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+        k = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+        new_w = (w.astype(np.float64) * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((0.0 if b is None else b.astype(np.float64)) - mean) * k + beta
+        old_w, old_b = conv.inputs[1], conv.inputs[2] if len(conv.inputs) > 2 else None
+        conv.replace_input_with(1, add_initializer(model.graph, new_w, (old_w.name or "w") + "_bn", names))
+        bias = add_initializer(model.graph, new_b.astype(np.float32), (conv.outputs[0].name or "b") + "_bias", names)
+        if len(conv.inputs) > 2:
+            conv.replace_input_with(2, bias)
+        else:
+            conv.resize_inputs(3)
+            conv.replace_input_with(2, bias)
+        y = bn.outputs[0]
+        x = conv.outputs[0]
+        name = y.name
+        y.replace_all_uses_with(x, replace_graph_outputs=True)
+        model.graph.remove(bn, safe=True)
+        y.name = None
+        x.name = name
+        for v in (old_w, old_b, *bn.inputs[1:5]):
+            if v is not None:
+                drop_if_unused(v)
+        folded += 1
+    return folded
+
+
+def make_plan(model: ir.Model, ops: Sequence[str], exclude: Sequence[str], keep_float: set[int], floats: dict[str, int | None]) -> Plan:
+    nodes = list(model.graph)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    skipped: dict[str, int] = {}
+    compute = []
+    for i, node in enumerate(nodes):
+        if not is_onnx_op(node, COMPUTE) or node.op_type not in ops:
+            continue
+        why = _why_not(node, exclude, floats)
+        if why is None and i in keep_float:
+            why = "kept_float"
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+        else:
+            compute.append(i)
+    computed = set(compute)
+    absorbed = {}
+    for i, node in enumerate(nodes):
+        if is_onnx_op(node, "Relu"):
+            x = node.inputs[0]
+            p = x.producer() if x is not None else None
+            if p is not None and index.get(id(p)) in computed and len(x.uses()) == 1 and not x.is_graph_output() and not node.outputs[0].is_graph_output():
+                absorbed[i] = index[id(p)]
+    alias = {nodes[p].outputs[0].name: nodes[r].outputs[0].name for r, p in absorbed.items()}
+    name = lambda v: alias.get(v.name, v.name)  # noqa: E731
+    readers_quantized = lambda v: all(index.get(id(u)) in computed or is_onnx_op(u, TRANSPARENT) for u, _ in v.uses())  # noqa: E731
+    tensors: list[str] = []
+    for i in compute:
+        node = nodes[i]
+        for k, v in enumerate(node.inputs):
+            if v is not None and _is_activation(node, k) and v.name in floats:
+                tensors.append(name(v))
+        out = node.outputs[0]
+        if i in absorbed.values():
+            out = next(nodes[r].outputs[0] for r, p in absorbed.items() if p == i)
+        if not out.is_graph_output() and (node.op_type in NEEDS_INT8_OUTPUT or (out.uses() and readers_quantized(out))):
+            tensors.append(out.name)
+    groups = _propagate(nodes, tensors, name, floats)
+    return Plan(compute, absorbed, list(dict.fromkeys(groups)), groups, skipped)
+
+
+def _why_not(node: ir.Node, exclude: Sequence[str], floats: dict[str, int | None]) -> str | None:
+    if matches(node, exclude):
+        return "excluded"
+    if node.outputs[0].name not in floats:
+        return "not_float"
+    inputs = [v for v in node.inputs if v is not None]
+    consts = [constant_array(v) is not None for v in inputs]
+    if node.op_type in WEIGHTED and not (node.op_type == "MatMul" and not any(consts)):
+        layer = as_linear_layer(node)
+        if layer is None or layer.kind == "matmul-left" or layer.tensor.dtype != ir.DataType.FLOAT or inputs[0].name not in floats:
+            return "unsupported_weight"
+        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0):
+            return "unsupported_gemm"
+        return None
+    if node.op_type in ("AveragePool", "GlobalAveragePool"):
+        inputs, consts = inputs[:1], consts[:1]
+    if any(consts) or any(v.name not in floats for v in inputs):
+        return "constant_or_nonfloat_operand"
+    return None
+
+
+def _is_activation(node: ir.Node, k: int) -> bool:
+    if node.op_type in ("Conv", "Gemm"):
+        return k == 0
+    if node.op_type == "MatMul":
+        return constant_array(node.inputs[k]) is None
+    if node.op_type in ("AveragePool", "GlobalAveragePool"):
+        return k == 0
+    return True
+
+
+def _propagate(nodes: list[ir.Node], tensors: list[str], name, floats: dict[str, int | None]) -> dict[str, str]:  # noqa: ANN001
+    """Close ``tensors`` over data-movement nodes (input and output share a scale); tensor -> group root."""
+    parent: dict[str, str] = {t: t for t in tensors}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if not is_onnx_op(node, TRANSPARENT) or node.inputs[0] is None or len(node.outputs) < 1:
+                continue
+            if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
+                continue
+            a, b = name(node.inputs[0]), node.outputs[0].name
+            if a not in floats and node.inputs[0].name not in floats or node.outputs[0].is_graph_output():
+                continue
+            if (a in parent) == (b in parent) and (a not in parent or root(a) == root(b)):
+                continue
+            for t in (a, b):
+                parent.setdefault(t, t)
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[rb] = ra
+                changed = True
+    return {t: root(t) for t in parent}
+
+
+def collect_ranges(model: ir.Model, names: Sequence[str], samples: Sequence[Sample], method: Method, qt: QType, percentile: float, chunk: int = 8) -> dict[str, tuple[float, float]]:
+    """Calibrated range per tensor, capturing ``chunk`` tensors per ORT run to bound memory."""
+    out = {}
+    names = list(names)
+    for start in range(0, len(names), chunk):
+        part = names[start : start + chunk]
+        for n, arrays in capture(model, samples, part).items():
+            out[n] = tensor_range(arrays, method, qt, percentile=percentile)
+    return out
+
+
+def group_params(plan: Plan, ranges: dict[str, tuple[float, float]], qt: QType) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Scale and zero point per tensor: one pair per group, covering every member's range."""
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for t, r in plan.groups.items():
+        a, b = ranges[t]
+        lo[r], hi[r] = min(lo.get(r, 0.0), a), max(hi.get(r, 0.0), b)
+    params = {r: scale_zero_point(np.float32(lo[r]), np.float32(hi[r]), qt, symmetric=False) for r in lo}
+    return {t: params[r] for t, r in plan.groups.items()}
+
+
+def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, np.ndarray]], qt: QType, per_channel: bool, tag: str) -> int:
+    """Rewrite ``model`` (the one the plan was made on, or a clone of it); returns Q/DQ pairs added."""
+    graph = model.graph
+    nodes = list(graph)
+    names = NameSet(model)
+    for r, p in plan.absorbed.items():  # the Q after the producer will do the Relu
+        relu, x = nodes[r], nodes[p].outputs[0]
+        y = relu.outputs[0]
+        name = y.name
+        y.replace_all_uses_with(x)
+        graph.remove(relu, safe=True)
+        y.name, x.name = None, name
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    first = next(iter(graph))
+    for t in plan.tensors:
+        value = values[t]
+        scale, zp = params[t]
+        uses = list(value.uses())  # before the Q below becomes one of them
+        producer = value.producer()
+        anchor = producer if producer is not None else first
+        s = add_initializer(graph, np.asarray(scale, np.float32), f"{t}_scale", names)
+        z = add_initializer(graph, ir.Tensor(np.asarray(zp, qt.numpy), dtype=qt.dtype), f"{t}_zero_point", names)
+        q_node = ir.Node("", "QuantizeLinear", [value, s, z], outputs=[ir.Value(name=names.fresh(f"{t}_quantized"), shape=value.shape, type=ir.TensorType(qt.dtype))], name=names.fresh(f"{tag}/{t}/Q"))
+        dq_out = ir.Value(name=names.fresh(f"{t}_dequantized"), shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT))
+        dq_node = ir.Node("", "DequantizeLinear", [q_node.outputs[0], s, z], outputs=[dq_out], name=names.fresh(f"{tag}/{t}/DQ"))
+        for n in (q_node, dq_node):
+            n.metadata_props["graphopt.made_by"] = tag
+        if producer is not None:
+            graph.insert_after(anchor, [q_node, dq_node])
+        else:
+            graph.insert_before(anchor, [q_node, dq_node])
+        for u, k in uses:
+            u.replace_input_with(k, dq_out)
+    for i in plan.compute:
+        node = nodes[i]
+        if node.op_type not in WEIGHTED or (node.op_type == "MatMul" and constant_array(node.inputs[1]) is None):
+            continue
+        layer = as_linear_layer(node)
+        assert layer is not None
+        w = layer.tensor.numpy()
+        axis = layer.output_axis if per_channel else None
+        qw = quantize_weight(w, QTYPES["int8"], axis=axis, symmetric=True)
+        old = layer.weight
+        node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, old.name or "w", names, tag, with_zero_point=True))
+        drop_if_unused(old)
+        if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            _quantize_bias(graph, node, qw, params, names, tag)
+    return len(plan.tensors)
+
+
+def _quantize_bias(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, params: dict, names: NameSet, tag: str) -> None:
+    """1-D bias -> int32 with scale s_x * s_w (zero point 0), what QLinearConv/QGemm read."""
+    bias_value = node.inputs[2]
+    b = constant_array(bias_value)
+    x = node.inputs[0]
+    src = x.producer()
+    if b is None or b.ndim != 1 or src is None or not is_onnx_op(src, "DequantizeLinear") or len(bias_value.uses()) != 1:
+        return
+    if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+        return
+    sx = constant_array(src.inputs[1])
+    scale = (np.float32(sx) * np.broadcast_to(qw.scale, b.shape)).astype(np.float32)
+    if np.any(scale == 0) or np.max(np.abs(b.astype(np.float64) / scale)) > 2**31 - 1:
+        return
+    q = quantize(b, scale, np.zeros(b.shape, np.int32), QTYPES["int32"])
+    qb = QuantizedWeight(q, scale, np.zeros(b.shape, np.int32), QTYPES["int32"], axis=0)
+    node.replace_input_with(2, add_dequantize(graph, node, qb, bias_value.name or "b", names, tag, with_zero_point=False))
+    drop_if_unused(bias_value)
+
+
+__all__ = ["Plan", "apply_plan", "collect_ranges", "float_tensors", "fold_batchnorm", "group_params", "make_plan"]
