@@ -146,7 +146,7 @@ def _optimize(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path.cwd() / (model_path.name.removesuffix(".onnx") + ".opt.onnx")
     if io.same_file(model_path, output):
         raise UsageError(f"output '{output}' is the input model: choose another path")
-    io.check_output_dir(output.parent)
+    io.check_output_path(output)
     pipeline = parse_pipeline(read_pipeline_arg(args.pipeline) if args.pipeline else default_pipeline())
     if args.no_verify:
         err.print("[yellow]graphopt: warning: verification is off (--no-verify); nothing proves the output matches the input[/]")

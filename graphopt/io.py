@@ -98,11 +98,7 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, 
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"output '{path}' is a directory")
-    check_output_dir(parent)
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output directory '{parent}' is not writable")
+    check_output_path(path)
     protected = {p.resolve() for p in protect} | external_files(model)
     if external is None:
         external = tensor_bytes(model) > EXTERNAL_THRESHOLD or any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
@@ -130,11 +126,17 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, 
     return targets
 
 
-def check_output_dir(parent: Path) -> None:
+def check_output_path(path: Path) -> None:
+    """Fail early (before any work) when ``path`` can't be an output file."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output '{path}' is a directory")
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"output directory '{parent}' is not a directory")
     if not parent.is_dir():
         raise UsageError(f"output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output directory '{parent}' is not writable")
 
 
 @contextlib.contextmanager

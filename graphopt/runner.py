@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, PassFailed, VerificationError
-from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
+from graphopt.edit import all_graphs, iter_tensors
 from graphopt.metrics import Tolerance
 from graphopt.passbase import Calibration, GraphPass, PassResult
 from graphopt.pipeline import Element, Repeat
@@ -156,10 +157,43 @@ def _diff(a: list[tuple[str, str, str]], b: list[tuple[str, str, str]]) -> str:
 
 
 def _check_valid(model: ir.Model, pass_name: str) -> None:
-    if tensor_bytes(model) > EXTERNAL_THRESHOLD:
-        return  # the checker needs the file on disk for >2 GB models; ORT verification still runs
     try:
-        onnx.checker.check_model(ir.to_proto(model))
+        onnx.checker.check_model(ir.to_proto(skeleton(model)))
     except Exception as e:
         raise PassFailed(f"pass '{pass_name}' produced an invalid model: {' '.join(str(e).split())[:300]}") from None
+
+
+SKELETON_BYTES = 1 << 20
+"""Tensors above this size (and every externally stored one) are left out of the checker's copy."""
+
+
+def skeleton(model: ir.Model) -> ir.Model:
+    """``model``, or a copy whose big and external tensors are empty stand-ins of the same dtype.
+
+    The checker's structural checks don't need the weights; serializing them would copy every
+    in-memory tensor, and an in-memory proto's external-data paths would resolve against the
+    current directory instead of the model's.
+    """
+    if not any(_heavy(t) for t in iter_tensors(model)):
+        return model
+    copy = model.clone()  # tensors are shared, so the stand-ins are set on the copy's values only
+    graphs: list[ir.Graph | ir.Function] = [*all_graphs(copy), *copy.functions.values()]
+    for graph in graphs:
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if value.const_value is not None and _heavy(value.const_value):
+                    value.const_value = _stand_in(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and _heavy(attr.as_tensor()):
+                    node.attributes[name] = ir.AttrTensor(name, _stand_in(attr.as_tensor()))
+    return copy
+
+
+def _heavy(tensor: ir.TensorProtocol) -> bool:
+    return isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > SKELETON_BYTES
+
+
+def _stand_in(tensor: ir.TensorProtocol) -> ir.Tensor:
+    return ir.Tensor(np.empty(0, tensor.dtype.numpy()), dtype=tensor.dtype, name=tensor.name)
 
