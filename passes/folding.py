@@ -1,0 +1,298 @@
+"""Constant folding: evaluate nodes whose inputs are all constants with onnxruntime, bit-exact.
+
+Each foldable node is run alone in an onnxruntime CPU session at ``ORT_DISABLE_ALL``, so the folded
+tensor holds exactly what the unfolded graph computes at run time. Constants are Constant nodes,
+initializers that are not graph inputs (IR<4: those too, as onnxruntime reads them), ConstantOfShape
+of a constant shape, and the static part of ``Shape`` (Shape→Gather/Slice→Unsqueeze→Concat chains).
+
+What is never folded: Q/DQ (quantization must stay visible), random ops, control flow, other domains,
+and folds that grow the file past the caps: ConstantOfShape alone (a compact constant), results over
+``max_output_elements`` and nodes reading a constant over ``max_input_elements``, unless the result
+is no bigger than the constants it frees (a single-use weight behind Transpose/Reshape/Cast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx_ir.passes.common import ShapeInferencePass
+
+from graphopt.edit import NameSet, drop_if_unused, is_onnx_op
+from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
+from graphopt.passbase import GraphPass, PassResult, option
+from graphopt.passes._util import const_array, legacy_constants, new_constant
+from graphopt.registry import register
+
+logger = logging.getLogger(__name__)
+
+NEVER = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",  # quantization stays explicit
+        "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+        "Dropout",  # remove-dropout's job (training mode is random)
+        "If", "Loop", "Scan",
+    }
+)  # fmt: skip
+HEAVY = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
+"""Not evaluated when an input is over ``max_input_elements`` (evaluation time), even if it would not grow the file."""
+
+FILL_KEEPING = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Expand", "Tile", "Cast"})
+"""A uniform tensor stays uniform through these: the result of one is a fill too."""
+
+_DTYPES = frozenset(
+    {
+        ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL, ir.DataType.STRING,
+        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+    }
+)  # fmt: skip
+"""Element types numpy and onnxruntime exchange without conversion."""
+
+
+@dataclasses.dataclass
+class _Folded:
+    array: np.ndarray
+    fill: bool = False  # a ConstantOfShape result, or a reshaping of one: stored only up to max_fill_elements
+
+
+@register
+@dataclasses.dataclass
+class FoldConstants(GraphPass):
+    """Evaluate all-constant nodes with onnxruntime (bit-exact) and store the results as initializers."""
+
+    name = "fold-constants"
+    max_output_elements: int = option(512 * 512, "a bigger result is stored only if it frees at least as many bytes as it adds")
+    max_input_elements: int = option(8192, "a node reading a bigger constant is folded only if its result frees at least as many bytes as it adds")
+    max_fill_elements: int = option(1024, "store a ConstantOfShape result (or a reshaping of one) only up to this size; bigger, it stays compact")
+    shapes: bool = option(True, "fold the static part of Shape (after onnx shape inference)")
+    lift: bool = option(True, "turn every Constant node into an initializer")
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats: Counter[str] = Counter()
+        if self.shapes and tensor_bytes(model) < EXTERNAL_THRESHOLD:
+            try:
+                ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            except Exception as e:  # inference is a help, never a requirement
+                logger.debug("shape inference failed: %s", e)
+        names = NameSet(model)
+        legacy = legacy_constants(model)
+        for graph in list(model.graphs()):
+            _fold_graph(self, model, graph, names, legacy, stats)
+        stats = Counter({k: v for k, v in stats.items() if v})
+        logger.debug("%s: %s", self.name, dict(stats))
+        return PassResult(model, modified=bool(stats["folded"] + stats["lifted"]), stats=dict(stats))
+
+
+def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameSet, legacy: bool, stats: Counter[str]) -> None:
+    virtual: dict[ir.Value, _Folded] = {}
+    dims: dict[ir.Value, list[int | None]] = {}  # 1-D int64 values known element by element (from Shape)
+    folded: list[ir.Node] = []
+
+    def array_of(v: ir.Value) -> np.ndarray | None:
+        if v in virtual:
+            return virtual[v].array
+        return const_array(v, legacy)
+
+    for node in list(graph):
+        if is_onnx_op(node, "Shape") and p.shapes:
+            _shape_dims(node, dims)
+        result = _try_node(p, model, node, array_of, dims, virtual, legacy, stats)
+        if result is None:
+            continue
+        for out, folded_value in zip(node.outputs, result):
+            virtual[out] = folded_value
+        folded.append(node)
+    if not folded:
+        return
+    # Store what a node we keep reads; a result nobody may store keeps its producer (whose inputs are then needed).
+    kept: set[ir.Node] = set()
+    done = set(folded)
+    pending = [v for n in folded for v in n.outputs if v.is_graph_output() or any(u.node not in done for u in v.uses())]
+    store: list[ir.Value] = []
+    while pending:
+        v = pending.pop()
+        if v in store or v.producer() in kept:
+            continue
+        node = v.producer()
+        assert node is not None
+        if v.is_graph_output() or (virtual[v].fill and virtual[v].array.size > p.max_fill_elements):
+            kept.add(node)
+            stats["kept_graph_output" if v.is_graph_output() else "kept_fill"] += 1
+            pending.extend(i for i in node.inputs if i is not None and i in virtual)
+            continue
+        store.append(v)
+    for v in store:
+        node = v.producer()
+        if node in kept:
+            continue
+        new = new_constant(graph, virtual[v].array, v.name or "folded", names, as_node=legacy, before=node)
+        v.replace_all_uses_with(new)
+        old_name, v.name = v.name, None
+        if old_name:
+            new.name = old_name
+    for node in reversed(folded):
+        if node.graph is None:  # a Constant that drop_if_unused already took away
+            stats["lifted"] += 1
+            continue
+        if node in kept or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [i for i in node.inputs if i is not None]
+        graph.remove(node, safe=True)
+        stats["lifted" if is_onnx_op(node, "Constant") else "folded"] += 1
+        for i in inputs:
+            drop_if_unused(i)
+
+
+def _try_node(p, model, node, array_of, dims, virtual, legacy, stats) -> list[_Folded] | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op in NEVER:
+        return None
+    if op == "Constant":
+        if not p.lift or legacy:  # IR<4: new constants are Constant nodes too, nothing to lift
+            return None
+        try:
+            tensor = ir.convenience.get_const_tensor(node.outputs[0])
+        except Exception:
+            tensor = None
+        if tensor is None:
+            return None
+        return [_Folded(tensor.numpy())]
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        stats["skipped_subgraph"] += 1
+        return None
+    if op in ("Shape", "Size") and node.inputs[0] is not None and array_of(node.inputs[0]) is None:
+        if op == "Shape" and node.outputs[0] in dims and all(d is not None for d in dims[node.outputs[0]]):
+            return [_Folded(np.array(dims[node.outputs[0]], dtype=np.int64))]
+        if op == "Size" and node.inputs[0].shape is not None and node.inputs[0].shape.is_static():
+            return [_Folded(np.array(int(np.prod([int(d) for d in node.inputs[0].shape])), dtype=np.int64))]
+        return None
+    if op in ("Gather", "Slice") and node.inputs[0] in dims and array_of(node.inputs[0]) is None:
+        return _partial_shape(node, array_of, dims)
+    inputs = [None if v is None else array_of(v) for v in node.inputs]
+    if any(a is None for v, a in zip(node.inputs, inputs) if v is not None):
+        return None
+    if not all(_exchangeable(o) for o in node.outputs) or not all(_exchangeable(v) for v in node.inputs if v is not None):
+        stats["skipped_type"] += 1
+        return None
+    # bytes no longer stored once this node folds: single-use real constants and stored-to-be results, not fills
+    freed = sum(
+        a.nbytes for v, a in zip(node.inputs, inputs) if v is not None and a is not None and _single_use(v, node) and not (v in virtual and virtual[v].fill)
+    )
+    big_input = max((a.size for a in inputs if a is not None), default=0) > p.max_input_elements
+    if big_input and op in HEAVY:
+        stats["input_too_large"] += 1
+        return None
+    if op == "ConstantOfShape":
+        shape = [int(d) for d in inputs[0].reshape(-1)]
+        if int(np.prod(shape)) > p.max_output_elements:
+            stats["output_too_large"] += 1
+            return None
+    outs = _evaluate(model, node, inputs)
+    if outs is None:
+        stats["eval_failed"] += 1
+        return None
+    grows = sum(o.nbytes for o in outs) > freed
+    if grows and (big_input or max(o.size for o in outs) > p.max_output_elements):
+        stats["input_too_large" if big_input else "output_too_large"] += 1
+        return None
+    fill = op == "ConstantOfShape" or (op in FILL_KEEPING and node.inputs[0] in virtual and virtual[node.inputs[0]].fill)
+    return [_Folded(o, fill=fill) for o in outs]
+
+
+def _single_use(v: ir.Value, node: ir.Node) -> bool:
+    return not v.is_graph_output() and not v.is_graph_input() and all(u.node is node for u in v.uses())
+
+
+def _exchangeable(v: ir.Value) -> bool:
+    return v.name == "" or (isinstance(v.type, ir.TensorType) and v.dtype in _DTYPES)
+
+
+def _shape_dims(node: ir.Node, dims: dict[ir.Value, list[int | None]]) -> None:
+    x = node.inputs[0]
+    if x is None or x.shape is None:
+        return
+    all_dims = [d if isinstance(d, int) else None for d in x.shape]
+    r = len(all_dims)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", r)
+    start = min(max(start + r if start < 0 else start, 0), r)
+    end = min(max(end + r if end < 0 else end, 0), r)
+    dims[node.outputs[0]] = all_dims[start:end]
+
+
+def _partial_shape(node: ir.Node, array_of, dims) -> list[_Folded] | None:
+    """Gather/Slice picking only static entries of a Shape result."""
+    known = dims[node.inputs[0]]
+    idx: list[int]
+    if node.op_type == "Gather":
+        indices = array_of(node.inputs[1]) if node.inputs[1] is not None else None
+        if indices is None or node.attributes.get_int("axis", 0) != 0:
+            return None
+        n = len(known)
+        flat = [int(i) + n if int(i) < 0 else int(i) for i in indices.reshape(-1)]
+        if any(not 0 <= i < n for i in flat):
+            return None
+        values = [known[i] for i in flat]
+        if any(v is None for v in values):
+            return None
+        return [_Folded(np.array(values, dtype=np.int64).reshape(indices.shape))]
+    if len(node.inputs) < 3 or node.attributes.get("starts") is not None:
+        return None  # opset<10 Slice (attributes): rare on shapes
+    arrays = [array_of(v) if v is not None else None for v in node.inputs[1:]]
+    if arrays[0] is None or arrays[1] is None or any(a is None for v, a in zip(node.inputs[3:], arrays[2:]) if v is not None):
+        return None
+    starts, ends = arrays[0].reshape(-1), arrays[1].reshape(-1)
+    axes = arrays[2].reshape(-1) if len(arrays) > 2 and arrays[2] is not None else np.zeros(1, np.int64)
+    steps = arrays[3].reshape(-1) if len(arrays) > 3 and arrays[3] is not None else np.ones(1, np.int64)
+    if starts.size != 1 or ends.size != 1 or int(axes[0]) not in (0, -1) or steps.size != 1 or int(steps[0]) == 0:
+        return None
+    clip = np.iinfo(np.int64)
+    s, e, st = int(starts[0]), int(ends[0]), int(steps[0])
+    s, e = max(min(s, clip.max), clip.min), max(min(e, clip.max), clip.min)
+    picked = list(range(len(known)))[slice(s, e, st)]
+    values = [known[i] for i in picked]
+    if any(v is None for v in values):
+        return None
+    return [_Folded(np.array(values, dtype=np.int64))]
+
+
+def _evaluate(model: ir.Model, node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """Run ``node`` alone in onnxruntime (CPU, no graph optimization) on the given constant inputs."""
+    proto = ir.serde.serialize_node(node)
+    in_names = ["" if v is None else f"i{k}" for k, v in enumerate(node.inputs)]
+    out_names = ["" if not v.name else f"o{k}" for k, v in enumerate(node.outputs)]
+    del proto.input[:], proto.output[:]
+    proto.input.extend(in_names)
+    proto.output.extend(out_names)
+    graph_inputs, feed = [], {}
+    for name, v, a in zip(in_names, node.inputs, inputs):
+        if v is None or a is None:
+            continue
+        graph_inputs.append(onnx.helper.make_tensor_value_info(name, v.dtype.value, a.shape))
+        feed[name] = a
+    outputs = [onnx.helper.make_tensor_value_info(n, v.dtype.value, None) for n, v in zip(out_names, node.outputs) if n]
+    graph = onnx.helper.make_graph([proto], "fold", graph_inputs, outputs)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto_model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=max(model.ir_version or 3, 3))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(proto_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        results = session.run([n for n in out_names if n], feed)
+    except Exception as e:
+        logger.debug("cannot evaluate %s: %s", node.op_type, " ".join(str(e).split())[:200])
+        return None
+    it = iter(results)
+    return [np.asarray(next(it)) if n else np.zeros(0, np.float32) for n in out_names]
