@@ -95,11 +95,11 @@ def fold_transposed_weights(model: ir.Model, names: NameSet, ops: Sequence[str] 
 
 def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: str, names: NameSet, pass_name: str, *, with_zero_point: bool = True) -> ir.Value:
     """Initializers for ``qw`` and a DequantizeLinear reading them, inserted before ``before``; returns its output."""
-    q = add_initializer(graph, ir.Tensor(np.ascontiguousarray(qw.q), dtype=qw.qt.dtype), base + "_quantized", names)
-    scale = add_initializer(graph, np.ascontiguousarray(qw.scale, dtype=np.float32), base + "_scale", names)
+    q = add_initializer(graph, ir.Tensor(np.require(qw.q, requirements="C"), dtype=qw.qt.dtype), base + "_quantized", names)
+    scale = add_initializer(graph, np.require(qw.scale, dtype=np.float32, requirements="C"), base + "_scale", names)  # 0-d stays 0-d
     inputs = [q, scale]
     if with_zero_point:
-        inputs.append(add_initializer(graph, ir.Tensor(np.ascontiguousarray(qw.zero_point), dtype=qw.qt.dtype), base + "_zero_point", names))
+        inputs.append(add_initializer(graph, ir.Tensor(np.require(qw.zero_point, requirements="C"), dtype=qw.qt.dtype), base + "_zero_point", names))
     attributes = {}
     if qw.axis is not None and qw.scale.ndim > 0:
         attributes["axis"] = qw.axis

@@ -1,0 +1,180 @@
+"""quantize-static: the QDQ layout ORT fuses, numbers at both levels, calibration methods, searches, negatives."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import MODELS, assert_valid, from_text, outputs
+from test_quantize_weights import _model, _optimized_ops
+
+from graphopt.edit import constant_array, onnx_opset
+from graphopt.metrics import compare_outputs
+from graphopt.passbase import Calibration
+from graphopt.passes.quantize_static import QuantizeStatic
+
+
+def _data(name: str, n: int = 96) -> list[dict[str, np.ndarray]]:
+    with np.load(MODELS / f"{name}_test.npz") as npz:
+        return [{"input": npz["input"][:n]}]
+
+
+def _run(p: QuantizeStatic, model: ir.Model, data: list) -> object:
+    p.calibration = Calibration(tuple(data))
+    return p(model)
+
+
+def _sqnr(model: ir.Model, data: list, reference: list, level: str) -> float:
+    return min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, level)) if e.output != "label")
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [("digits_cnn", {"QLinearConv": 2, "QGemm": 2}), ("digits_mlp_wide", {"QGemm": 4}), ("digits_skl_mlp", {"QGemm": 3})],
+)
+def test_trained_models_fuse_into_integer_kernels(name: str, fused: dict[str, int]) -> None:
+    model = ir.load(MODELS / f"{name}.onnx")
+    data = _data(name)
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.modified and result.stats["quantized_nodes"] == sum(fused.values())
+    assert_valid(model)
+    assert onnx_opset(model) >= 13
+    ops = collections.Counter(_optimized_ops(model))
+    for op, count in fused.items():
+        assert ops[op] == count, ops
+    assert ops["DequantizeLinear"] == 0 and ops["Conv"] == ops["Gemm"] == ops["MatMul"] == 0, ops  # nothing left to dequantize at run time
+    for level in ("exact", "deploy"):
+        assert _sqnr(model, data, reference, level) >= 35.0
+    assert not _run(QuantizeStatic(), model, data).modified  # idempotent: a QDQ model is left alone
+
+
+def test_cnn_layout_weights_bias_and_relu() -> None:
+    model = ir.load(MODELS / "digits_cnn.onnx")
+    data = _data("digits_cnn", 32)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.stats["folded_batchnorm"] == 2 and result.stats["relu_absorbed"] == 3
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["Relu"] == 0 and ops["BatchNormalization"] == 0
+    for conv in (n for n in model.graph if n.op_type in ("Conv", "Gemm")):
+        w_dq, b_dq = conv.inputs[1].producer(), conv.inputs[2].producer()
+        assert w_dq.op_type == b_dq.op_type == "DequantizeLinear"
+        assert constant_array(w_dq.inputs[0]).dtype == np.int8 and constant_array(b_dq.inputs[0]).dtype == np.int32
+        axis = 0 if conv.op_type == "Conv" or conv.attributes.get_int("transB", 0) else 1
+        assert w_dq.attributes.get_int("axis") == axis
+        x_scale = constant_array(conv.inputs[0].producer().inputs[1])
+        assert np.allclose(constant_array(b_dq.inputs[1]), x_scale * constant_array(w_dq.inputs[1]))  # s_b = s_x * s_w
+    # a Relu's Q starts at 0: uint8 zero point 0, so saturation does the Relu
+    zps = [constant_array(n.inputs[2]) for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.uint8 for z in zps) and sum(int(z) == 0 for z in zps) >= 3
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_calibration_methods_run_at_both_levels(method: str) -> None:
+    model = ir.load(MODELS / "digits_mlp_wide.onnx")
+    data = _data("digits_mlp_wide", 64)
+    reference = outputs(model, data)
+    assert _run(QuantizeStatic(calibrate=method), model, data).modified
+    assert_valid(model)
+    floor = 15.0 if method == "entropy" else 35.0
+    for level in ("exact", "deploy"):
+        assert _sqnr(model, data, reference, level) >= floor
+
+
+def test_int8_activations_and_per_tensor() -> None:
+    model = ir.load(MODELS / "digits_cnn.onnx")
+    data = _data("digits_cnn", 32)
+    reference = outputs(model, data)
+    assert _run(QuantizeStatic(activation_type="int8", per_channel=False), model, data).modified
+    q = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert all(constant_array(n.inputs[2]).dtype == np.int8 for n in q)
+    weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and constant_array(n.inputs[0]) is not None and constant_array(n.inputs[0]).dtype == np.int8]
+    assert len(weights) == 4 and all(constant_array(n.inputs[1]).ndim == 0 for n in weights)
+    assert "QLinearConv" in _optimized_ops(model)
+    assert _sqnr(model, data, reference, "deploy") >= 30.0
+
+
+def test_add_mul_concat_and_pools_are_quantized() -> None:
+    model = from_text("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8,8] x, float[1,4,8,8] z) => (float[1,8] y) {
+        a = Add(x, z)  m = Mul(a, z)  c = Concat<axis=1>(a, m)  p = AveragePool<kernel_shape=[2,2], strides=[2,2]>(c)
+        g = GlobalAveragePool(p)  y = Flatten(g) }""")
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 4, 8, 8)).astype(np.float32), "z": np.random.default_rng(9 + i).random((1, 4, 8, 8)).astype(np.float32)} for i in range(4)]
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.stats["quantized_nodes"] == 5
+    ops = collections.Counter(_optimized_ops(model))
+    for op in ("QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool"):
+        assert ops[op] == 1, ops
+    assert _sqnr(model, data, reference, "deploy") >= 25.0
+
+
+def test_matmul_fuses_and_constant_bias_add_is_folded_into_gemm() -> None:
+    model = _model("MatMul", k=64, n=32)
+    data = [{"x": np.random.default_rng(i).standard_normal((2, 64)).astype(np.float32)} for i in range(4)]
+    reference = outputs(model, data)
+    assert _run(QuantizeStatic(), model, data).modified
+    assert "MatMulIntegerToFloat" in _optimized_ops(model)  # float output: the graph output stays float
+    assert _sqnr(model, data, reference, "deploy") >= 30.0
+
+
+def test_opset11_model_is_upgraded() -> None:
+    model = _model("Conv", opset=11)
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 8, 6, 6)).astype(np.float32)} for i in range(4)]
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.stats["opset_upgraded_to"] == 13 and onnx_opset(model) == 13
+    assert_valid(model)
+    assert _sqnr(model, data, reference, "deploy") >= 25.0
+
+
+def test_exclude_and_sensitivity_keep_layers_float() -> None:
+    model = ir.load(MODELS / "digits_cnn.onnx")
+    data = _data("digits_cnn", 48)
+    excluded = model.clone()
+    result = _run(QuantizeStatic(exclude=["Gemm"]), excluded, data)
+    assert result.stats["excluded"] == 2 and result.stats["quantized_nodes"] == 2
+    assert collections.Counter(n.op_type for n in excluded.graph)["Gemm"] == 2
+    sens = model.clone()
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(target_sqnr=60.0), sens, data)
+    float_layers = [r for r in result.layers if r["choice"] == "float"]
+    assert float_layers and all(r["reason"] == "sensitivity" for r in float_layers)
+    assert all("alone_sqnr_db" in r for r in result.layers)
+    assert result.stats["kept_float_sensitivity"] == len(float_layers)
+    assert_valid(sens)
+    assert _sqnr(sens, data, reference, "deploy") >= 42.0  # better than all-int8 (about 43 dB on these samples)
+
+
+def test_latency_aware_reports_each_layer() -> None:
+    model = ir.load(MODELS / "digits_mlp_wide.onnx")
+    data = _data("digits_mlp_wide", 16)
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(latency_aware=True), model, data)
+    assert len(result.layers) == 4
+    for r in result.layers:
+        assert r["float_ms"] > 0 and r["int8_ms"] > 0
+        assert r["choice"] == ("float" if r["int8_ms"] >= r["float_ms"] else "int8")
+    assert_valid(model)
+    assert _sqnr(model, data, reference, "deploy") >= 35.0
+
+
+def test_leaves_alone_quantized_and_float_free_models() -> None:
+    done = _model("MatMul")
+    from graphopt.passes.quantize_weights import QuantizeWeights
+
+    QuantizeWeights()(done)
+    result = _run(QuantizeStatic(), done, [{"x": np.ones((2, 64), np.float32)}])
+    assert not result.modified and result.stats == {"already_quantized": 1}
+    ints = from_text("""<ir_version: 8, opset_import: ["" : 17]> g (int64[4] x) => (int64[4] y) { y = Add(x, x) }""")
+    assert not _run(QuantizeStatic(), ints, [{"x": np.arange(4)}]).modified
+
+
+def test_generated_calibration_when_none() -> None:
+    model = _model("Gemm", transB=1)
+    result = QuantizeStatic()(model)
+    assert result.modified and result.stats["generated_calibration"] == 8
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
