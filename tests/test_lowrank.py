@@ -355,3 +355,11 @@ def test_trained_mlp_keeps_accuracy_at_half_the_parameters() -> None:
     kept = sum(r["params_after"] for r in result.layers) / sum(r["params_before"] for r in result.layers)
     accuracy = float(np.mean(outputs(model, test)[0]["logits"].argmax(-1) == labels[1::2]))
     assert kept <= 0.5 and accuracy >= base - 0.01
+
+
+def test_benchmark_quick_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import svd
+
+    assert svd.main(["--quick"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| digits_skl_mlp")]
+    assert [line.split("|")[2].strip() for line in lines] == ["original", "plain", "plain", "data-aware", "data-aware"]
