@@ -33,7 +33,7 @@ from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unus
 from graphopt.layers import as_linear_layer
 from graphopt.passes._calibrate import Method, tensor_range
 from graphopt.passes._qgraph import add_dequantize, matches
-from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight, quantize, quantize_weight, scale_zero_point
+from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight, expand, quantize, quantize_weight, scale_zero_point
 
 COMPUTE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
 NEEDS_INT8_OUTPUT = ("Conv", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
@@ -300,12 +300,34 @@ def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, 
         w = layer.tensor.numpy()
         axis = layer.output_axis if per_channel else None
         qw = quantize_weight(w, QTYPES["int8"], axis=axis, symmetric=True)
+        has_bias = node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None
+        if has_bias:
+            qw = _fit_bias(qw, w, node)
         old = layer.weight
-        node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, old.name or "w", names, tag, with_zero_point=True))
+        node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, old.name or "w", names, tag, with_zero_point=True))  # QGemm fusion needs it
         drop_if_unused(old)
-        if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        if has_bias:
             _quantize_bias(graph, node, qw, params, names, tag)
     return len(plan.tensors)
+
+
+def _input_scale(node: ir.Node) -> np.ndarray | None:
+    src = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return constant_array(src.inputs[1]) if src is not None and is_onnx_op(src, "DequantizeLinear") else None
+
+
+def _fit_bias(qw: QuantizedWeight, w: np.ndarray, node: ir.Node) -> QuantizedWeight:
+    """Widen weight scales where the int32 bias ``b / (s_x * s_w)`` would overflow (a near-dead
+    channel with a live bias), as ORT's own tool does; the weight is requantized with them."""
+    b, sx = constant_array(node.inputs[2]), _input_scale(node)
+    if b is None or b.ndim != 1 or sx is None:
+        return qw
+    need = (np.abs(b.astype(np.float64)) / (float(sx) * (2**31 - 1)) * 1.01).astype(np.float32)
+    scale = np.maximum(qw.scale, need if qw.scale.ndim else need.max()).astype(np.float32)
+    if np.array_equal(scale, qw.scale):
+        return qw
+    full = expand(scale, w.shape, qw.axis)
+    return QuantizedWeight(quantize(w, full, np.zeros(w.shape, np.int8), qw.qt), scale, np.zeros(scale.shape, np.int8), qw.qt, qw.axis)
 
 
 def _quantize_bias(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, params: dict, names: NameSet, tag: str) -> None:

@@ -58,7 +58,8 @@ class QuantizeWeights(GraphPass):
     per_channel: bool = option(True, "8 bits: one scale per output channel (opset 13) instead of one per tensor")
     symmetric: bool = option(True, "zero point at the middle of the range (no zero-point arithmetic) instead of min/max")
     signed: bool = option(True, "int8/int4 weights (false: uint8/uint4)")
-    block_size: int = option(128, "4 bits: weights per scale along the reduction axis (power of 2, >= 16)")
+    block_size: int = option(128, "4 bits (or blocked 8 bits): weights per scale along the reduction axis (power of 2, >= 16)")
+    blocked: bool = option(False, "8 bits: scales per block of the reduction axis like 4 bits (opset 21; ORT runs MatMul ones as MatMulNBits)")
     format: Literal["qdq", "matmulnbits"] = option("qdq", "4 bits: DequantizeLinear (standard ONNX) or com.microsoft MatMulNBits")
     rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
@@ -107,7 +108,7 @@ class QuantizeWeights(GraphPass):
     def _check_options(self) -> None:
         if self.bits not in (4, 8):
             raise UsageError(f"quantize-weights: bits={self.bits}: use 8 or 4")
-        if self.bits == 4 and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+        if (self.bits == 4 or self.blocked) and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise UsageError(f"quantize-weights: block-size={self.block_size}: use a power of 2 >= 16")
         if self.format == "matmulnbits" and self.bits != 4:
             raise UsageError("quantize-weights: format=matmulnbits needs bits=4")
@@ -115,6 +116,8 @@ class QuantizeWeights(GraphPass):
     def _opset_needed(self) -> int:
         if self.bits == 4:
             return 10 if self.format == "matmulnbits" else 21
+        if self.blocked:
+            return 21
         return 13 if self.per_channel else 10
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
@@ -156,7 +159,7 @@ class QuantizeWeights(GraphPass):
     def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None) -> dict[str, Any]:
         node, w = layer.node, layer.tensor.numpy()
         record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
-        if layer.kind == "gemm" and self.bits == 4 and node.attributes.get_int("transA", 0) == 0:
+        if layer.kind == "gemm" and (self.bits == 4 or self.blocked) and node.attributes.get_int("transA", 0) == 0:
             if (converted := _gemm_to_matmul(layer, names, self.name)) is not None:
                 layer = converted
                 node, w = layer.node, layer.tensor.numpy()
@@ -195,10 +198,10 @@ class QuantizeWeights(GraphPass):
         """(axis, block_size) of the scales for this layer's stored weight."""
         if layer.kind == "gather":
             return 0, 0
-        if self.bits == 8:
+        if self.bits == 8 and not self.blocked:
             return (None, 0) if per_tensor or not self.per_channel else (layer.output_axis, 0)
         if layer.kind == "conv":
-            return 0, 0  # int4 per output channel; blocks would cut kernels apart
+            return 0, 0  # per output channel; blocks would cut kernels apart
         return layer.reduction_axes[0], self.block_size
 
 

@@ -115,6 +115,17 @@ def test_int4_blocked_layout_and_matmulnbits_fusion() -> None:
     assert not QuantizeWeights(bits=4, block_size=32)(model).modified
 
 
+def test_int8_blocked_runs_as_matmulnbits() -> None:
+    model = _model("Gemm", transB=1, k=64, n=32)
+    data = feeds(model)
+    reference = outputs(model, data)
+    assert QuantizeWeights(blocked=True, block_size=32)(model).modified
+    dq = _dq(model)
+    assert dq.attributes.get_int("block_size") == 32 and constant_array(dq.inputs[0]).dtype == np.int8
+    assert "MatMulNBits" in _optimized_ops(model)
+    _check_both_levels(model, data, reference, 30.0)
+
+
 def test_int4_gemm_becomes_matmul_with_bias() -> None:
     model = _model("Gemm", transB=1, k=64, n=32)
     data = feeds(model)
