@@ -27,6 +27,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from graphopt.edit import NameSet, drop_if_unused, is_onnx_op
 from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
 from graphopt.passbase import GraphPass, PassResult, option
+from graphopt.passes._shapes import ShapeValues
 from graphopt.passes._util import const_array, legacy_constants, new_constant
 from graphopt.registry import register
 
@@ -71,7 +72,7 @@ class FoldConstants(GraphPass):
     max_output_elements: int = option(512 * 512, "a bigger result is stored only if it frees at least as many bytes as it adds")
     max_input_elements: int = option(8192, "a node reading a bigger constant is folded only if its result frees at least as many bytes as it adds")
     max_fill_elements: int = option(1024, "store a ConstantOfShape result (or a reshaping of one) only up to this size; bigger, it stays compact")
-    shapes: bool = option(True, "fold the static part of Shape (after onnx shape inference)")
+    shapes: bool = option(True, "fold the static part of Shape chains and make Reshape targets constant (after onnx shape inference)")
     lift: bool = option(True, "turn every Constant node into an initializer")
 
     def call(self, model: ir.Model) -> PassResult:
@@ -87,12 +88,11 @@ class FoldConstants(GraphPass):
             _fold_graph(self, model, graph, names, legacy, stats)
         stats = Counter({k: v for k, v in stats.items() if v})
         logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=bool(stats["folded"] + stats["lifted"]), stats=dict(stats))
+        return PassResult(model, modified=bool(stats["folded"] + stats["lifted"] + stats["reshape_shape"]), stats=dict(stats))
 
 
 def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameSet, legacy: bool, stats: Counter[str]) -> None:
     virtual: dict[ir.Value, _Folded] = {}
-    dims: dict[ir.Value, list[int | None]] = {}  # 1-D int64 values known element by element (from Shape)
     folded: list[ir.Node] = []
 
     def array_of(v: ir.Value) -> np.ndarray | None:
@@ -100,10 +100,15 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
             return virtual[v].array
         return const_array(v, legacy)
 
+    shapes = ShapeValues(array_of)
     for node in list(graph):
-        if is_onnx_op(node, "Shape") and p.shapes:
-            _shape_dims(node, dims)
-        result = _try_node(p, model, node, array_of, dims, virtual, legacy, stats)
+        if p.shapes:
+            shapes.track(node)
+            if is_onnx_op(node, "Reshape") and (target := shapes.reshape_target(node)) is not None:
+                old = node.inputs[1]
+                node.replace_input_with(1, new_constant(graph, target, (old.name if old is not None else None) or "shape", names, as_node=legacy, before=node))
+                stats["reshape_shape"] += 1
+        result = _try_node(p, model, node, array_of, shapes, virtual, legacy, stats)
         if result is None:
             continue
         for out, folded_value in zip(node.outputs, result):
@@ -150,7 +155,7 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
             drop_if_unused(i)
 
 
-def _try_node(p, model, node, array_of, dims, virtual, legacy, stats) -> list[_Folded] | None:
+def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, stats) -> list[_Folded] | None:
     if node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
@@ -169,14 +174,13 @@ def _try_node(p, model, node, array_of, dims, virtual, legacy, stats) -> list[_F
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         stats["skipped_subgraph"] += 1
         return None
+    tracked = shapes.known.get(node.outputs[0]) if p.shapes else None
+    if tracked is not None and (known := tracked.array()) is not None:
+        return [_Folded(known)]  # the static part of a Shape chain
     if op in ("Shape", "Size") and node.inputs[0] is not None and array_of(node.inputs[0]) is None:
-        if op == "Shape" and node.outputs[0] in dims and all(d is not None for d in dims[node.outputs[0]]):
-            return [_Folded(np.array(dims[node.outputs[0]], dtype=np.int64))]
-        if op == "Size" and node.inputs[0].shape is not None and node.inputs[0].shape.is_static():
+        if op == "Size" and p.shapes and node.inputs[0].shape is not None and node.inputs[0].shape.is_static():
             return [_Folded(np.array(int(np.prod([int(d) for d in node.inputs[0].shape])), dtype=np.int64))]
         return None
-    if op in ("Gather", "Slice") and node.inputs[0] in dims and array_of(node.inputs[0]) is None:
-        return _partial_shape(node, array_of, dims)
     inputs = [None if v is None else array_of(v) for v in node.inputs]
     if any(a is None for v, a in zip(node.inputs, inputs) if v is not None):
         return None
@@ -214,55 +218,6 @@ def _single_use(v: ir.Value, node: ir.Node) -> bool:
 
 def _exchangeable(v: ir.Value) -> bool:
     return v.name == "" or (isinstance(v.type, ir.TensorType) and v.dtype in _DTYPES)
-
-
-def _shape_dims(node: ir.Node, dims: dict[ir.Value, list[int | None]]) -> None:
-    x = node.inputs[0]
-    if x is None or x.shape is None:
-        return
-    all_dims = [d if isinstance(d, int) else None for d in x.shape]
-    r = len(all_dims)
-    start = node.attributes.get_int("start", 0)
-    end = node.attributes.get_int("end", r)
-    start = min(max(start + r if start < 0 else start, 0), r)
-    end = min(max(end + r if end < 0 else end, 0), r)
-    dims[node.outputs[0]] = all_dims[start:end]
-
-
-def _partial_shape(node: ir.Node, array_of, dims) -> list[_Folded] | None:
-    """Gather/Slice picking only static entries of a Shape result."""
-    known = dims[node.inputs[0]]
-    idx: list[int]
-    if node.op_type == "Gather":
-        indices = array_of(node.inputs[1]) if node.inputs[1] is not None else None
-        if indices is None or node.attributes.get_int("axis", 0) != 0:
-            return None
-        n = len(known)
-        flat = [int(i) + n if int(i) < 0 else int(i) for i in indices.reshape(-1)]
-        if any(not 0 <= i < n for i in flat):
-            return None
-        values = [known[i] for i in flat]
-        if any(v is None for v in values):
-            return None
-        return [_Folded(np.array(values, dtype=np.int64).reshape(indices.shape))]
-    if len(node.inputs) < 3 or node.attributes.get("starts") is not None:
-        return None  # opset<10 Slice (attributes): rare on shapes
-    arrays = [array_of(v) if v is not None else None for v in node.inputs[1:]]
-    if arrays[0] is None or arrays[1] is None or any(a is None for v, a in zip(node.inputs[3:], arrays[2:]) if v is not None):
-        return None
-    starts, ends = arrays[0].reshape(-1), arrays[1].reshape(-1)
-    axes = arrays[2].reshape(-1) if len(arrays) > 2 and arrays[2] is not None else np.zeros(1, np.int64)
-    steps = arrays[3].reshape(-1) if len(arrays) > 3 and arrays[3] is not None else np.ones(1, np.int64)
-    if starts.size != 1 or ends.size != 1 or int(axes[0]) not in (0, -1) or steps.size != 1 or int(steps[0]) == 0:
-        return None
-    clip = np.iinfo(np.int64)
-    s, e, st = int(starts[0]), int(ends[0]), int(steps[0])
-    s, e = max(min(s, clip.max), clip.min), max(min(e, clip.max), clip.min)
-    picked = list(range(len(known)))[slice(s, e, st)]
-    values = [known[i] for i in picked]
-    if any(v is None for v in values):
-        return None
-    return [_Folded(np.array(values, dtype=np.int64))]
 
 
 def _evaluate(model: ir.Model, node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from graphopt.data import ShapeSpec
 from graphopt.metrics import Tolerance
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.passes.folding import FoldConstants
@@ -223,3 +224,33 @@ def test_fold_batchnorm_weight_from_graph_input_is_left_alone() -> None:
         h = Conv(x, w)  {BN} }}"""
     result = FoldBatchnorm()(from_text(text))
     assert not result.modified and result.stats == {"weight_not_constant": 1}
+
+
+RESHAPE = """<ir_version: 8, opset_import: ["" : 17]> g (float[N,M,12] x) => (float[N,M,3,4] y, float[Z,4] z) {
+    s = Shape(x)  i0 = Constant<value=int64 {0}>()  i1 = Constant<value=int64 {1}>()  ax = Constant<value=int64[1] {0}>()
+    n = Gather<axis=0>(s, i0)  m = Gather<axis=0>(s, i1)  un = Unsqueeze(n, ax)  um = Unsqueeze(m, ax)
+    c34 = Constant<value=int64[2] {3, 4}>()  t = Concat<axis=0>(un, um, c34)  y = Reshape(x, t)
+    nm = Mul(n, m)  k = Constant<value=int64 {3}>()  nm3 = Mul(nm, k)  u3 = Unsqueeze(nm3, ax)  c4 = Constant<value=int64[1] {4}>()
+    t2 = Concat<axis=0>(u3, c4)  z = Reshape(x, t2) }"""
+
+
+def test_reshape_targets_from_shape_chains_become_constant() -> None:
+    """Same-index symbolic dims copy (0); one computed entry with positive ints around it is -1."""
+    model = from_text(RESHAPE)
+    data = feeds(model, spec=ShapeSpec.parse(["N=2", "M=5"]))
+    reference = outputs(model, data)
+    stats = FoldConstants()(model).stats
+    assert stats["reshape_shape"] == 2
+    targets = [n.inputs[1].const_value.numpy().tolist() for n in model.graph if n.op_type == "Reshape"]
+    assert targets == [[0, 0, 3, 4], [-1, 4]]
+    assert_valid(model)
+    assert_within(model, data, reference, EXACT)
+    assert not FoldConstants()(model).modified
+
+
+def test_reshape_target_with_two_unknowns_is_left_alone() -> None:
+    text = RESHAPE.replace("c4 = Constant<value=int64[1] {4}>()", "c4 = Unsqueeze(m, ax)").replace("float[Z,4] z", "float[Z,W] z")
+    model = from_text(text)
+    FoldConstants()(model)
+    reshapes = [n for n in model.graph if n.op_type == "Reshape"]
+    assert reshapes[1].inputs[1].const_value is None
