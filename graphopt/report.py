@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from graphopt import sparse
 from graphopt.edit import count_nodes, iter_tensors
 from graphopt.io import tensor_bytes
 from graphopt.metrics import OutputError, worst
@@ -39,7 +40,7 @@ def model_bytes(model: ir.Model) -> int:
     if weights > EXACT_BYTES_LIMIT:
         return weights + count_nodes(model) * 64  # nodes cost tens of bytes each; tensors dominate
     external = sum(t.nbytes for t in iter_tensors(model) if isinstance(t, ir.ExternalTensor))
-    return ir.to_proto(model).ByteSize() + external
+    return sparse.to_proto(model).ByteSize() + external
 
 
 def figures(errors: Sequence[OutputError] | None) -> dict[str, Any]:
