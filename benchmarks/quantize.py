@@ -142,7 +142,7 @@ def bench_model(name: str, variants: list[str], tmp: Path, rounds: int) -> list[
     reference = harness.outputs(src, evaluation, level="exact")
     feed = {k: v[:LATENCY_BATCH] for k, v in evaluation[0].items()}
     runnable: dict[str, Path] = {}
-    rows = []
+    rows = [{"model": name, "variant": v, "note": notes[v], "bytes": None} for v in variants if v not in paths]  # tools that failed
     for v, p in paths.items():
         row: dict[str, Any] = {"model": name, "variant": v, "note": notes.get(v, "")}
         try:
@@ -156,9 +156,13 @@ def bench_model(name: str, variants: list[str], tmp: Path, rounds: int) -> list[
         row["bytes"] = p.stat().st_size
         row.update(extra.get(v, {}))
         rows.append(row)
+    harness.latency_ms(src, feed, min_seconds=0.3)  # warm the machine up before the interleaved rounds
     latency = harness.latency_ratios(runnable, feed, rounds=rounds, repeats=20, min_seconds=0.2)
+    rows.sort(key=lambda r: (["float", *variants].index(r["variant"])))
     base_bytes = rows[0]["bytes"]
     for row in rows:
+        if row["bytes"] is None:
+            continue
         row["size_ratio"] = round(row["bytes"] / base_bytes, 3)
         if row["variant"] in latency:
             row["latency_ms"] = round(latency[row["variant"]], 4)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as tmp:
         for m in models:
-            rows += bench_model(m, variants, Path(tmp), rounds=1 if args.quick else 3)
+            rows += bench_model(m, variants, Path(tmp), rounds=1 if args.quick else 5)
     columns = ["model", "variant", "bytes", "size_ratio", "latency_ratio", "sqnr_db", "cosine", "accuracy", "accuracy_delta_points", "note"]
     table = harness.markdown_table(rows, columns)
     print(table)

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Sample
+from graphopt.layers import as_linear_layer
 from graphopt.metrics import compare_outputs, worst
 from graphopt.passes._qmath import QType
 from graphopt.passes._qstatic import WEIGHTED, Plan, apply_plan
@@ -59,7 +60,7 @@ def time_layers(model: ir.Model, plan: Plan, params: dict, qt: QType, per_channe
     out = {}
     for i in plan.compute:
         node = nodes[i]
-        if node.op_type not in WEIGHTED:
+        if node.op_type not in WEIGHTED or as_linear_layer(node) is None:  # activation x activation MatMuls are not timed
             continue
         x = node.inputs[0]
         y = node.outputs[0]
@@ -81,6 +82,16 @@ def time_layers(model: ir.Model, plan: Plan, params: dict, qt: QType, per_channe
                 times[k].append(_median_ms(sessions[k], feeds[k]))
         out[i] = (statistics.median(times[0]), statistics.median(times[1]))
     return out
+
+
+def whole_model_ms(models: Sequence[ir.Model], feed: dict[str, np.ndarray], rounds: int = 3) -> list[float]:
+    """End-to-end median latency of each model on ``feed`` (ORT default level, 1 thread, interleaved)."""
+    sessions = [make_session(m, "deploy", threads=1) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for k, sess in enumerate(sessions):
+            times[k].append(_median_ms(sess, feed, repeats=10, min_seconds=0.05))
+    return [statistics.median(t) for t in times]
 
 
 def _micro(node: ir.Node, x: ir.Value, shape: tuple[int, ...]) -> ir.Model:

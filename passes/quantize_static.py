@@ -27,7 +27,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import output_sqnr, sensitivity, time_layers
+from graphopt.passes._qsearch import output_sqnr, sensitivity, time_layers, whole_model_ms
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan
 from graphopt.registry import register
 from graphopt.verify import run
@@ -118,6 +118,15 @@ class QuantizeStatic(GraphPass):
                 if t_int8 >= t_float:
                     keep.add(i)
                     layers[i].update(choice="float", reason="latency")
+        if keep:  # per-layer choices ignore the conversions between layers: check end to end
+            mixed, all_int8 = build(keep)[0], build(set())[0]
+            t_model = whole_model_ms([model, mixed, all_int8], samples[0])
+            stats["latency_us_float"], stats["latency_us_mixed"], stats["latency_us_int8"] = (int(round(t * 1000)) for t in t_model)
+            if t_model[2] < t_model[1]:
+                stats["latency_all_int8_faster"] = 1
+                for i in keep:
+                    layers[i].update(choice="int8", reason="all-int8 model faster end to end")
+                keep = set()
         if self.target_sqnr is not None:
             reference = run(model, samples, "exact")
             more, records, reached = sensitivity(lambda k: build(keep | k), [i for i in plan.compute if i not in keep], samples, reference, self.target_sqnr, labels)

@@ -149,6 +149,16 @@ def test_exclude_and_sensitivity_keep_layers_float() -> None:
     assert _sqnr(sens, data, reference, "deploy") >= 42.0  # better than all-int8 (about 43 dB on these samples)
 
 
+def test_excluded_layer_keeps_its_relu() -> None:
+    model = ir.load(MODELS / "digits_skl_mlp.onnx")
+    data = _data("digits_skl_mlp", 128)
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(exclude=["MatMul1"]), model, data)  # the float layer reads the Relu before it
+    assert result.stats["excluded"] == 1 and "relu_absorbed" not in result.stats
+    assert collections.Counter(n.op_type for n in model.graph)["Relu"] == 2
+    assert _sqnr(model, data, reference, "deploy") >= 35.0
+
+
 def test_latency_aware_reports_each_layer() -> None:
     model = ir.load(MODELS / "digits_mlp_wide.onnx")
     data = _data("digits_mlp_wide", 16)
@@ -157,7 +167,7 @@ def test_latency_aware_reports_each_layer() -> None:
     assert len(result.layers) == 4
     for r in result.layers:
         assert r["float_ms"] > 0 and r["int8_ms"] > 0
-        assert r["choice"] == ("float" if r["int8_ms"] >= r["float_ms"] else "int8")
+        assert r["choice"] == ("float" if r["int8_ms"] >= r["float_ms"] and not result.stats.get("latency_all_int8_faster") else "int8")
     assert_valid(model)
     assert _sqnr(model, data, reference, "deploy") >= 35.0
 
