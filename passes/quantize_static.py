@@ -118,15 +118,22 @@ class QuantizeStatic(GraphPass):
                 if t_int8 >= t_float:
                     keep.add(i)
                     layers[i].update(choice="float", reason="latency")
-        if keep:  # per-layer choices ignore the conversions between layers: check end to end
-            mixed, all_int8 = build(keep)[0], build(set())[0]
-            t_model = whole_model_ms([model, mixed, all_int8], samples[0])
-            stats["latency_us_float"], stats["latency_us_mixed"], stats["latency_us_int8"] = (int(round(t * 1000)) for t in t_model)
-            if t_model[2] < t_model[1]:
-                stats["latency_all_int8_faster"] = 1
-                for i in keep:
-                    layers[i].update(choice="int8", reason="all-int8 model faster end to end")
-                keep = set()
+        if self.latency_aware:  # per-layer choices ignore the conversions between layers: check end to end
+            candidates = {"int8": set(), "mixed": set(keep), "float": set(plan.compute)}
+            if not keep:
+                candidates.pop("mixed")
+            models = [model] + [build(k)[0] for c, k in candidates.items() if c != "float"]
+            times = dict(zip(["float", *(c for c in candidates if c != "float")], whole_model_ms(models, samples[0])))
+            for c, t in times.items():
+                stats[f"latency_us_{c}"] = int(round(t * 1000))
+            best = min(times, key=lambda c: (times[c], c != "float"))
+            if best != "mixed":
+                keep = candidates[best]
+                why = "float model faster end to end" if best == "float" else "all-int8 model faster end to end"
+                for i in plan.compute:
+                    if layers[i]["choice"] != ("float" if i in keep else "int8"):
+                        layers[i].update(choice="float" if i in keep else "int8", reason=why)
+            stats["latency_choice_" + best] = 1
         if self.target_sqnr is not None:
             reference = run(model, samples, "exact")
             more, records, reached = sensitivity(lambda k: build(keep | k), [i for i in plan.compute if i not in keep], samples, reference, self.target_sqnr, labels)

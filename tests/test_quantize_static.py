@@ -167,7 +167,13 @@ def test_latency_aware_reports_each_layer() -> None:
     assert len(result.layers) == 4
     for r in result.layers:
         assert r["float_ms"] > 0 and r["int8_ms"] > 0
-        assert r["choice"] == ("float" if r["int8_ms"] >= r["float_ms"] and not result.stats.get("latency_all_int8_faster") else "int8")
+        if result.stats.get("latency_choice_mixed"):
+            assert r["choice"] == ("float" if r["int8_ms"] >= r["float_ms"] else "int8")
+    choice = next(k for k in result.stats if k.startswith("latency_choice_"))
+    for c in ("float", "int8"):  # the whole model timed as float and as all-int8 too
+        assert result.stats[f"latency_us_{c}"] > 0
+    if choice == "latency_choice_float":
+        assert result.stats.get("quantized_nodes", 0) == 0 and not any(n.op_type == "QuantizeLinear" for n in model.graph)
     assert_valid(model)
     assert _sqnr(model, data, reference, "deploy") >= 35.0
 
