@@ -6,7 +6,8 @@
 Every tool runs on the same models in one process, with its default settings. Per model and tool:
 nodes after (subgraphs included), saved file bytes, ORT CPU latency as a ratio to the original
 (default optimization level, one thread, median of interleaved rounds), the largest output error
-against the original (both run at ``ORT_DISABLE_ALL``, so ORT's own fusions don't blur it), and
+against the original (both at graphopt's exact level: ``ORT_DISABLE_ALL`` without weight prepacking, so
+ORT's own rewrites don't blur it), and
 what went wrong: a crash, a model the checker rejects (``full_check``), a changed signature
 (onnx's light models are IR 3: every weight is listed as a graph input, and some tools drop those
 inputs), or outputs ORT can't produce.
@@ -130,7 +131,7 @@ def signature(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple
 def measure(path: Path, tmp: Path, latency_rounds: int) -> list[dict[str, Any]]:
     original = onnx.load(path)
     samples = samples_for(path)
-    reference = harness.outputs(path, samples, level="exact")
+    reference = exact_outputs(path, samples)
     files = {"original": path}
     rows = [
         {"model": path.stem, "tool": "original", "nodes": count_nodes(original), "bytes": path.stat().st_size, "latency": 1.0, "max_abs": 0.0, "status": "ok"}
@@ -162,7 +163,7 @@ def measure(path: Path, tmp: Path, latency_rounds: int) -> list[dict[str, Any]]:
             dropped = len({n for n, _ in ins0} - {n for n, _ in ins1})
             problems.append(f"dropped {dropped} graph inputs" if dropped else "inputs changed")
         try:
-            got = harness.outputs(target, [{k: v for k, v in s.items() if k in {n for n, _ in ins1}} for s in samples], level="exact")
+            got = exact_outputs(target, [{k: v for k, v in s.items() if k in {n for n, _ in ins1}} for s in samples])
             row["max_abs"] = harness.error_figures(reference, got)["max_abs"]
             files[tool] = target
         except Exception as e:
@@ -175,6 +176,18 @@ def measure(path: Path, tmp: Path, latency_rounds: int) -> list[dict[str, Any]]:
         if row["tool"] in ratios:
             row["latency"] = round(ratios[row["tool"]] / ratios["original"], 3)
     return rows
+
+
+def exact_outputs(path: Path, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs at graphopt's exact level: no graph optimization and no weight prepacking (a prepacked
+    constant weight sums in another order than the same weight computed in the graph)."""
+    import onnxruntime as ort
+
+    from graphopt.verify import session_options
+
+    session = ort.InferenceSession(str(path), session_options("exact", threads=1), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, s))) for s in samples]
 
 
 def latency(files: dict[str, Path], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:

@@ -121,3 +121,19 @@ def replace_input(node: ir.Node, index: int, array: np.ndarray, names: NameSet, 
     if old is not None:
         drop_if_unused(old)
     return new
+
+
+def const_or_fill(value: ir.Value | None, legacy: bool, max_fill: int) -> np.ndarray | None:
+    """:func:`const_array`, or the tensor a ``ConstantOfShape`` of a constant shape fills (up to ``max_fill`` elements)."""
+    array = const_array(value, legacy)
+    if array is not None or value is None:
+        return array
+    node = value.producer()
+    if node is None or not is_onnx_op(node, "ConstantOfShape") or not node.inputs or node.inputs[0] is None:
+        return None
+    shape = const_array(node.inputs[0], legacy)
+    if shape is None or int(np.prod(shape)) > max_fill:
+        return None
+    attr = node.attributes.get("value")
+    fill = attr.as_tensor().numpy().reshape(-1)[0] if attr is not None else np.float32(0)
+    return np.full([int(d) for d in shape.reshape(-1)], fill, dtype=np.asarray(fill).dtype)

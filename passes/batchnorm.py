@@ -19,7 +19,7 @@ import onnx_ir as ir
 from graphopt.edit import NameSet, bypass, drop_if_unused, onnx_opset
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
-from graphopt.passes._util import const_array, is_std, legacy_constants, new_constant, rank, replace_input, replace_keeping_name
+from graphopt.passes._util import const_or_fill, is_std, legacy_constants, new_constant, rank, replace_input, replace_keeping_name
 from graphopt.registry import register
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class FoldBatchnorm(GraphPass):
     tolerance = Tolerance(max_abs=1e-5, max_rel=1e-4)
     """Measured: float32 rounding of the folded weights moves outputs by a few ulp (see tests)."""
     matmul: bool = option(True, "also fold into a rank-2 MatMul, which becomes a Gemm with the BN shift as bias")
+    max_fill_elements: int = option(1024, "read a ConstantOfShape weight or BN parameter of up to this size as a constant")
 
     def call(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()
@@ -43,13 +44,13 @@ class FoldBatchnorm(GraphPass):
         names = NameSet(model)
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if is_std(node, "BatchNormalization"):
-                stats[_fold(node, opset, legacy, names, self.matmul)] += 1
+                stats[_fold(node, opset, legacy, names, self.matmul, self.max_fill_elements)] += 1
         stats = Counter({k: v for k, v in stats.items() if v})
         logger.debug("%s: %s", self.name, dict(stats))
         return PassResult(model, modified=stats["folded"] > 0, stats=dict(stats))
 
 
-def _fold(bn: ir.Node, opset: int, legacy: bool, names: NameSet, matmul: bool) -> str:
+def _fold(bn: ir.Node, opset: int, legacy: bool, names: NameSet, matmul: bool, max_fill: int) -> str:
     if opset < 7:
         return "skipped_opset"
     if bn.attributes.get_int("training_mode", 0) or bn.attributes.get_int("spatial", 1) != 1:
@@ -57,7 +58,7 @@ def _fold(bn: ir.Node, opset: int, legacy: bool, names: NameSet, matmul: bool) -
     if any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
         return "statistics_used"
     x = bn.inputs[0]
-    params = [const_array(v, legacy) for v in bn.inputs[1:5]]
+    params = [const_or_fill(v, legacy, max_fill) for v in bn.inputs[1:5]]
     if x is None or any(p is None for p in params) or len(bn.inputs) < 5:
         return "params_not_constant"
     producer = x.producer()
@@ -65,13 +66,13 @@ def _fold(bn: ir.Node, opset: int, legacy: bool, names: NameSet, matmul: bool) -
         return "no_producer"
     if x.is_graph_output() or len(x.uses()) != 1 or producer.outputs[0] is not x:
         return "producer_output_shared"
-    weight = const_array(producer.inputs[1], legacy) if len(producer.inputs) > 1 else None
+    weight = const_or_fill(producer.inputs[1], legacy, max_fill) if len(producer.inputs) > 1 else None
     if weight is None:
         return "weight_not_constant"
     if weight.dtype not in (np.float32, np.float64) or any(p.dtype != weight.dtype for p in params):  # type: ignore[union-attr]
         return "skipped_dtype"  # float16: the rounded fold would leave the stated tolerance
     bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
-    bias = const_array(bias_value, legacy) if bias_value is not None else None
+    bias = const_or_fill(bias_value, legacy, max_fill) if bias_value is not None else None
     if bias_value is not None and bias is None:
         return "bias_not_constant"
     scale, shift, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)  # type: ignore[union-attr]

@@ -127,7 +127,10 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
             continue
         node = v.producer()
         assert node is not None
-        if v.is_graph_output() or (virtual[v].fill and virtual[v].array.size > p.max_fill_elements):
+        big_fill = virtual[v].fill and virtual[v].array.size > p.max_fill_elements
+        # IR<4 stores constants as Constant nodes: a ConstantOfShape would become one node for one, only bigger
+        legacy_fill = legacy and is_onnx_op(node, "ConstantOfShape")
+        if v.is_graph_output() or big_fill or legacy_fill:
             kept.add(node)
             stats["kept_graph_output" if v.is_graph_output() else "kept_fill"] += 1
             pending.extend(i for i in node.inputs if i is not None and i in virtual)

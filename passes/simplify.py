@@ -263,8 +263,13 @@ def _neutral(node: ir.Node, ctx: _Ctx) -> ir.Value | None:
 @register
 @dataclasses.dataclass
 class RemoveIdentity(GraphPass):
-    """Remove Identity and provable no-ops: same-type Cast, same-shape Reshape, identity Transpose, zero Pad,
-    one-input Concat, cancelling Squeeze/Unsqueeze, x*1, x/1, x+0, x-0 (also in If/Loop/Scan bodies)."""
+    """Remove Identity and ops that provably copy their input (same-type Cast, x*1, x+0, identity Transpose, ...).
+
+    Also same-shape Reshape, zero Pad, one-input Concat, cancelling Squeeze/Unsqueeze pairs, x/1 and
+    x-0, in If/Loop/Scan bodies too. onnx_ir's IdentityEliminationPass renames the Identity's input
+    into a graph output even when that input is another graph output or an outer-scope value; this
+    pass keeps such an Identity instead (``kept_io``).
+    """
 
     name = "remove-identity"
     keep_signed_zero: bool = option(True, "keep float x+0.0 and x-(-0.0): they turn -0.0 into +0.0")
