@@ -254,3 +254,26 @@ def test_reshape_target_with_two_unknowns_is_left_alone() -> None:
     FoldConstants()(model)
     reshapes = [n for n in model.graph if n.op_type == "Reshape"]
     assert reshapes[1].inputs[1].const_value is None
+
+
+def test_loop_body_folds_with_outer_constant() -> None:
+    text = """<ir_version: 8, opset_import: ["" : 17]> g (float[2] x) => (float[2] y) <float[2] w = {1, 4}> {
+        n = Constant<value=int64 {3}>()
+        y = Loop(n, , x) <body = body (int64 i, bool c, float[2] acc) => (bool co, float[2] out) {
+            co = Identity(c)  s = Sqrt(w)  out = Mul(acc, s) }> }"""
+    model, stats = run_pass(text, FoldConstants())
+    assert "Sqrt" not in ops(model) and stats["folded"] == 1
+
+
+def test_fold_batchnorm_ir3_fill_parameters() -> None:
+    """IR 3 (onnx's light models): weights are initializer-inputs and ConstantOfShape fills; the
+    folded tensors become Constant nodes (IR 3 initializers must be graph inputs)."""
+    text = """<ir_version: 3, opset_import: ["" : 9]>
+    g (float[1,2,5,5] x, float[3,2,3,3] w, int64[1] cs) => (float[1,3,3,3] y) <float[3,2,3,3] w = {""" + _arr((3, 2, 3, 3)) + """}, int64[1] cs = {3}> {
+        sc = ConstantOfShape<value=float[1] {1.5}>(cs)  sh = ConstantOfShape<value=float[1] {0.25}>(cs)
+        mu = ConstantOfShape<value=float[1] {0.1}>(cs)  var = ConstantOfShape<value=float[1] {2}>(cs)
+        h = Conv(x, w)  """ + BN + """ }"""
+    model, stats = run_pass(text, FoldBatchnorm(), BN_TOL)
+    assert stats == {"folded": 1}
+    assert "BatchNormalization" not in ops(model) and ops(model).count("Constant") == 2  # new weight and bias
+    assert [v.name for v in model.graph.inputs] == ["x", "w", "cs"]
