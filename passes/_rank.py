@@ -36,10 +36,14 @@ class Activations:
         """``parts``: (X rows [n, K], Y, alpha) per use of the weight."""
         gram = sum(alpha * alpha * (x.T @ x) for x, _, alpha in parts)
         signal = float(sum(np.vdot(y, y).real for _, y, _ in parts))
-        rows = np.concatenate([abs(alpha) * x for x, _, alpha in parts], axis=0)
-        if len(rows) > max_rows:
-            rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(np.int64)]
+        share = max(1, max_rows // len(parts))
+        rows = np.concatenate([abs(alpha) * _evenly(x, share) for x, _, alpha in parts], axis=0)
         return Activations(np.asarray(gram, dtype=np.float64), signal, rows)
+
+
+def _evenly(x: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` rows of ``x``, evenly spaced (deterministic)."""
+    return x if len(x) <= n else x[np.linspace(0, len(x) - 1, n).astype(np.int64)]
 
 
 @dataclasses.dataclass
