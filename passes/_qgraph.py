@@ -105,7 +105,7 @@ def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: 
         attributes["axis"] = qw.axis
     if qw.block_size:
         attributes["block_size"] = qw.block_size
-    return add_node(graph, before, "DequantizeLinear", inputs, attributes, base + "_dequantized", names, pass_name, ir.Shape(qw.q.shape))
+    return add_node(graph, before, "DequantizeLinear", inputs, attributes, base + "_dequantized", names, pass_name, dtype=None)
 
 
 def add_node(
@@ -114,8 +114,7 @@ def add_node(
 ) -> ir.Value:
     """One new single-output node, tagged as ours, inserted before ``before``."""
     out = ir.Value(name=names.fresh(out_base), shape=shape, type=ir.TensorType(dtype) if dtype is not None else None)
-    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out],
-                   name=names.fresh(f"{pass_name}/{out_base}"))
+    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out], name=out.name)
     node.metadata_props[TAG] = pass_name
     graph.insert_before(before, node)
     return out
