@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from graphopt.errors import GraphoptError, Interrupted, UnverifiedError, UsageEr
 from graphopt.metrics import OutputError, Tolerance
 from graphopt.pipeline import format_pipeline, parse_pipeline, read_pipeline_arg
 from graphopt.registry import all_passes, describe, presets
+from graphopt.verify import time_limit
 
 DEFAULT_MODEL = "digits_cnn.onnx"
 
@@ -44,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     _written.clear()
+    restore_logging = _log_to_stderr(args.debug)
     try:
-        return args.run(args)
+        with time_limit(getattr(args, "ort_timeout", 0) or None):
+            return args.run(args)
     except KeyboardInterrupt:
         done = f"{', '.join(map(str, _written))} was written completely" if _written else "no output was written"
         err.print(f"graphopt: interrupted; {done}", markup=False, soft_wrap=True)
@@ -62,6 +66,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        restore_logging()
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"graphopt: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+
+
+def _log_to_stderr(debug: bool) -> Callable[[], None]:
+    """graphopt's warnings as one ``graphopt: warning: ...`` line each; other libraries' log records and
+    Python warnings (onnx_ir's failed shape inference, numpy overflows) only with ``--debug``, which
+    also shows graphopt's debug records with their tracebacks. Returns the undo."""
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_OneLine())
+        handler.addFilter(lambda record: record.name == "graphopt" or record.name.startswith("graphopt."))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.captureWarnings(True)
+
+    def undo() -> None:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+    return undo
 
 
 _written: list[Path] = []
@@ -93,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--samples", type=int, default=2, help="generated input samples (default 2)")
     data.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
     data.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    data.add_argument("--ort-timeout", type=float, default=600.0, metavar="S", help="stop any single onnxruntime run after S seconds (default 600; 0 = never)")
 
     opt = sub.add_parser("optimize", parents=[common, data], help="run a pipeline, verifying every pass")
     opt.add_argument("model", nargs="?", help=f"input model (default: the bundled {DEFAULT_MODEL})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -51,6 +52,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise ModelError(f"'{path}' parses as protobuf but is not an ONNX model (no graph or ir_version)")
     _check_external_files(proto, path)
+    _check_proto(proto, path)
     if check:
         try:
             onnx.checker.check_model(str(path))
@@ -63,7 +65,76 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     except Exception as e:
         raise ModelError(f"'{path}' cannot be read into onnx_ir: {type(e).__name__}: {_short(e)}") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _check_tensors(model, path)
     return model
+
+
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.INT32: "int32_data",
+    onnx.TensorProto.STRING: "string_data",
+}
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """What onnx.checker lets through but would break deep inside a pass: tensors whose data
+    doesn't fill their shape exactly, graph inputs/outputs without an element type, Constant
+    nodes without exactly one value."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor) or tensor.data_type in _PACKED_4BIT:
+            continue
+        need = math.prod(tensor.dims)
+        if tensor.HasField("raw_data"):
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except Exception:
+                raise ModelError(f"'{path}': tensor '{tensor.name}' has an invalid data type {tensor.data_type}") from None
+            have = len(tensor.raw_data) / itemsize
+        elif (field := _TYPED_FIELDS.get(tensor.data_type)) is not None:
+            have = len(getattr(tensor, field))
+        else:
+            continue
+        if have != need:
+            raise ModelError(f"'{path}': tensor '{tensor.name}' holds {have:g} values, its shape {list(tensor.dims)} needs {need}")
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for v in values:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+                raise ModelError(f"'{path}': graph {kind} '{v.name}' has no element type")
+    for graph in _all_graph_protos(proto.graph):
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) != 1:
+                raise ModelError(f"'{path}': Constant node '{node.name or node.output[0] if node.output else '?'}' has {len(node.attribute)} attributes, needs exactly one value")
+
+
+def _all_graph_protos(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out += _all_graph_protos(attr.g)
+            for sub in attr.graphs:
+                out += _all_graph_protos(sub)
+    return out
+
+
+def _check_tensors(model: ir.Model, path: Path) -> None:
+    """onnx_ir reads tensors lazily, so a bad data type or external data past the end of its file
+    would only surface deep inside a pass; find them now (without reading any data)."""
+    for tensor in iter_tensors(model):
+        try:
+            nbytes = tensor.nbytes  # needs a valid data type and shape
+        except Exception as e:
+            raise ModelError(f"'{path}': tensor '{tensor.name}' is malformed ({_short(e)})") from None
+        if isinstance(tensor, ir.ExternalTensor):
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else nbytes)
+            size = Path(tensor.path).stat().st_size
+            if end > size:
+                raise ModelError(f"external data of tensor '{tensor.name}' ends at byte {end}, past the end of '{tensor.location}' ({size} bytes)")
 
 
 def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:

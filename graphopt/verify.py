@@ -14,10 +14,12 @@ ORT's fusions). A lossy pass's budget applies at the deploy level.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import logging
 import re
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +50,7 @@ class OrtFailure(Exception):
 def session_options(level: Level, threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _ORT_LEVEL[level]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; ORT's own log lines would break the one-line CLI error
     if level == "exact":
         # MatMul/Gemm/Conv kernels prepack constant weights and then sum in another order than for the same
         # weight computed in the graph; off here, so bit-exactness doesn't depend on how a weight is stored.
@@ -86,12 +88,35 @@ def run(model: ir.Model, samples: Sequence[Sample], level: Level) -> list[dict[s
     outputs = []
     for sample in samples:
         feed = {k: np.asarray(v).astype(widened[k]) if k in widened else v for k, v in sample.items()}
+        options = ort.RunOptions()
+        timer = threading.Timer(_time_limit[0], lambda: setattr(options, "terminate", True)) if _time_limit[0] else None
         try:
-            values = session.run(names, feed)
+            if timer:
+                timer.start()
+            values = session.run(names, feed, options)
         except Exception as e:
+            if options.terminate:
+                raise OrtFailure(f"onnxruntime did not finish one run within {_time_limit[0]:g} s") from None
             raise OrtFailure(_one_line(e)) from e
+        finally:
+            if timer:
+                timer.cancel()
         outputs.append({n: np.asarray(v) for n, v in zip(names, values)})
     return outputs
+
+
+_time_limit: list[float | None] = [None]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, any single onnxruntime run longer than ``seconds`` is stopped and fails
+    with :class:`OrtFailure` (a model whose Loop never ends can't hang verification)."""
+    old, _time_limit[0] = _time_limit[0], seconds
+    try:
+        yield
+    finally:
+        _time_limit[0] = old
 
 
 _WIDE = {
@@ -146,6 +171,7 @@ def _one_line(e: BaseException) -> str:
     text = _ORT_PREFIX.sub("", text)
     if m := _ORT_SOURCE.search(text):
         text = text[: m.start()] + _after_signature(text[m.end() :])
+        text = _ORT_PREFIX.sub("", text)  # ORT nests: "FAIL : /src:1 sig(...) [ONNXRuntimeError] : 1 : FAIL : why"
     if m := _OPSET_TOO_NEW.search(text):
         return f"the model's {m.group(2)} opset {m.group(1)} is newer than onnxruntime {ort.__version__} supports ({m.group(3)})"
     text = text.strip()

@@ -135,6 +135,43 @@ def _immutable_dir(i: Path, o: Path) -> list[str]:
     return ["optimize", str(_cnn(i)), "-o", str(locked / "o.onnx"), "-p", "dce", "-q"]
 
 
+def endless_loop_proto() -> onnx.ModelProto:
+    """A Loop whose trip count is 2**48: onnxruntime would run it for days."""
+    body = oh.make_graph(
+        [oh.make_node("Identity", ["c"], ["c_out"]), oh.make_node("Relu", ["h"], ["h_out"])],
+        "body",
+        [oh.make_tensor_value_info("i", TensorProto.INT64, []), oh.make_tensor_value_info("c", TensorProto.BOOL, []), oh.make_tensor_value_info("h", TensorProto.FLOAT, [4])],
+        [oh.make_tensor_value_info("c_out", TensorProto.BOOL, []), oh.make_tensor_value_info("h_out", TensorProto.FLOAT, [4])],
+    )
+    graph = oh.make_graph(
+        [oh.make_node("Loop", ["n", "t", "x"], ["y"], body=body), oh.make_node("Identity", ["x"], ["dead"])],
+        "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [onnx.numpy_helper.from_array(np.array(2**48, np.int64), "n"), onnx.numpy_helper.from_array(np.array(True), "t")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+
+
+def oversized_tensor_proto() -> onnx.ModelProto:
+    proto = mlp_proto()
+    proto.graph.initializer[0].dims[0] = 4  # 8x4 values, shape says 4x4
+    return proto
+
+
+def untyped_output_proto() -> onnx.ModelProto:
+    proto = mlp_proto()
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    return proto
+
+
+def wrong_input_dtype_proto() -> onnx.ModelProto:
+    """The checker passes; onnx_ir's shape inference warns (with a traceback) and ORT refuses it."""
+    proto = mlp_proto()
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    return proto
+
+
 _X = np.zeros((1, 1, 16, 16), np.float32)
 _RAND = np.random.default_rng(1).bytes(4096)
 
@@ -168,6 +205,20 @@ CASES: dict[str, Case] = {
     ),
     "custom-op-every-output": Case(
         lambda i, o: _opt(_save(only_custom_proto(), i / "m.onnx"), o, "-p", "dce"), 6, "cannot run the input model: onnxruntime has no kernel for com.acme::Foo", output=True
+    ),
+    "endless-loop": Case(
+        lambda i, o: _opt(_save(endless_loop_proto(), i / "m.onnx"), o, "-p", "dce", "--ort-timeout", "1"),
+        6,
+        "onnxruntime cannot run the input model: onnxruntime did not finish one run within 1 s",
+        output=True,
+    ),
+    "tensor-size-mismatch": Case(lambda i, o: _opt(_save(oversized_tensor_proto(), i / "m.onnx"), o), 3, "tensor 'w' holds 32 values, its shape [4, 4] needs 16"),
+    "untyped-output": Case(lambda i, o: _opt(_save(untyped_output_proto(), i / "m.onnx"), o), 3, "graph output 'y' has no element type"),
+    "no-library-log-noise": Case(
+        lambda i, o: _opt(_save(wrong_input_dtype_proto(), i / "m.onnx"), o, "-p", "lift-constants,dce"),
+        6,
+        "onnxruntime cannot run the input model: This is an invalid model. Type Error: Type 'tensor(uint8)' of input parameter (x) of operator (MatMul)",
+        output=True,
     ),
     "missing-external-data": Case(_missing_external, 3, "external data file 'ext.weights' of tensor 'w' not found"),
     "inputs-missing-file": Case(lambda i, o: _opt(_cnn(i), o, "--inputs", str(i / "no.npz")), 3, "no.npz' does not exist"),
