@@ -70,6 +70,8 @@ class LiftConstants(GraphPass):
     all_forms: bool = option(False, "also lift value_float(s)/value_int(s)/value_string(s) constants, not only tensor ones")
 
     def call(self, model: ir.Model) -> PassResult:
+        if (model.ir_version or 99) < 4:  # IR<4: every initializer must also be a graph input
+            return PassResult(model, modified=False, stats={"skipped_ir_version": 1})
         before = count_nodes(model)
         LiftConstantsToInitializersPass(lift_all_constants=self.all_forms, size_limit=self.min_elements)(model)
         lifted = before - count_nodes(model)
