@@ -36,8 +36,11 @@ from graphopt.sparse import SPARSE, STORAGE_KEY, is_marked
 logger = logging.getLogger(__name__)
 
 FORMATS = ("bitmask", "coo")
-DECODER_BYTES = 420
-"""Serialized size of one decoder (8-9 nodes, names and the small per-tensor shape constant)."""
+DECODER_BYTES = 700
+"""Serialized cost of one decoder beyond its mask and values (8-9 nodes, short names, value_info),
+plus :data:`NAME_BYTES` per character of the weight's name; measured: 640 + 6·len, and ~260 once
+per graph for the shared constants."""
+NAME_BYTES = 6
 COO_BYTES = 24
 """Fixed cost of one sparse_initializer entry beyond its values and indices."""
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -51,7 +54,7 @@ class SparseStorage(GraphPass):
 
     name = "sparse-storage"
     min_sparsity: float = option(0.5, "leave tensors with a smaller fraction of zeros (background values) alone")
-    min_size: int = option(1024, "leave tensors with fewer elements alone")
+    min_size: int = option(256, "leave tensors with fewer elements alone (the size estimate also counts the decoder)")
     formats: list[str] = option(list(FORMATS), "forms to choose from (bitmask, coo); per tensor the smallest wins, dense when none is smaller")
 
     def __post_init__(self) -> None:
@@ -92,8 +95,8 @@ class SparseStorage(GraphPass):
         tensor = constant_tensor(value)
         if tensor is None or is_marked(value) or value.is_graph_output() or not value.uses():
             return None
-        if all(TAG in node.metadata_props for node, _ in value.uses()):
-            return None  # our own decoder's mask and values
+        if all(node.metadata_props.get(TAG) == self.name for node, _ in value.uses()):
+            return None  # our own decoder's mask and values (other passes' nodes, e.g. DequantizeLinear, are fine)
         dq = _dq_zero_point(value)
         if tensor.dtype not in FLOAT_TYPES and not (tensor.dtype in DQ_DATA_TYPES and dq is not None):
             return None
@@ -113,7 +116,7 @@ class SparseStorage(GraphPass):
         nnz, item = flat.size - zeros, flat.dtype.itemsize
         sizes = {"dense_bytes": flat.size * item, "sparsity": round(zeros / flat.size, 4)}
         if can_bitmask:
-            sizes["bitmask_bytes"] = -(-flat.size // 8) + (nnz + 1) * item + DECODER_BYTES
+            sizes["bitmask_bytes"] = -(-flat.size // 8) + (nnz + 1) * item + DECODER_BYTES + NAME_BYTES * len(value.name or "")
         if can_coo and background == 0:
             sizes["coo_bytes"] = nnz * (item + 8) + COO_BYTES
         options = [(sizes[f"{f}_bytes"], f) for f in FORMATS if f"{f}_bytes" in sizes]
@@ -171,9 +174,11 @@ def _decode_in_graph(
     nodes: list[ir.Node] = []
 
     def node(op: str, inputs: list[ir.Value], **attrs: object) -> ir.Value:
-        n = ir.node(op, inputs, attributes=attrs, name=names.fresh(f"{base}.decode.{op}"))
-        n.outputs[0].name = names.fresh(f"{base}.{op.lower()}")
-        n.metadata_props[TAG] = tag
+        short = names.fresh("ss")  # names are bytes in the file: short ones for the decoder's intermediates
+        n = ir.node(op, inputs, attributes=attrs, name=short)
+        n.outputs[0].name = short
+        if packed_v in inputs or values_v in inputs:
+            n.metadata_props[TAG] = tag  # the readers of mask and non-zeros: a second run leaves those alone
         nodes.append(n)
         return n.outputs[0]
 
@@ -184,12 +189,12 @@ def _decode_in_graph(
         bit = node("Mod", [bits, const("two_u8", np.array(2, np.uint8))])
     flat_bits = node("Reshape", [bit, const("minus_one", np.array([-1], np.int64))])
     if packed.size * 8 != flat.size:
-        flat_bits = node("Slice", [flat_bits, const("zero_i64", np.array([0], np.int64)), add_initializer(graph, np.array([flat.size], np.int64), f"{base}.size", names)])
+        flat_bits = node("Slice", [flat_bits, const("zero_i64", np.array([0], np.int64)), const(f"n{flat.size}", np.array([flat.size], np.int64))])
     m = node("Cast", [flat_bits], to=ir.DataType.INT32)
     position = node("Mul", [node("CumSum", [m, const("axis0", np.array(0, np.int32))]), m])
     dense = node("Gather", [values_v, position], axis=0)
     if array.ndim != 1:
-        dense = node("Reshape", [dense, add_initializer(graph, np.array(array.shape, np.int64), f"{base}.shape", names)])
+        dense = node("Reshape", [dense, const("shape_" + "x".join(map(str, array.shape)), np.array(array.shape, np.int64))])
     graph.insert_before(graph[0], nodes)
     value.replace_all_uses_with(dense)
     graph.initializers.pop(value.name)

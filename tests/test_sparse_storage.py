@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 import graphopt
 from graphopt import io
 from graphopt.edit import constant_array
+from graphopt.passbase import TAG
 from graphopt.passes.sparse_storage import SparseStorage
 from graphopt.sparse import STORAGE_KEY
 from tests.conftest import MODELS, assert_valid, outputs
@@ -147,6 +148,7 @@ def test_int8_weights_after_quantization_use_the_zero_point(tmp_path: Path) -> N
     data = [{"x": RNG.standard_normal((4, 256)).astype(np.float32)}]
     reference = {level: outputs(model, data, level) for level in ("exact", "deploy")}
     optimized = model.clone()
+    next(n for n in optimized.graph if n.op_type == "DequantizeLinear").metadata_props[TAG] = "quantize-weights"  # as that pass leaves it
     result = SparseStorage()(optimized)
     assert result.stats["bitmask"] == 1
     for level in ("exact", "deploy"):  # ORT fuses DQ+MatMul (MatMulNBits) at deploy: compare like with like
@@ -161,7 +163,7 @@ def test_int8_weights_after_quantization_use_the_zero_point(tmp_path: Path) -> N
 def test_leaves_alone_what_does_not_pay() -> None:
     dense = matmul_model(sparse_array((64, 64), 0.2))
     assert SparseStorage()(dense).stats == {"skipped_dense": 1}
-    small = matmul_model(sparse_array((16, 16), 0.9))
+    small = matmul_model(sparse_array((15, 15), 0.9))
     assert SparseStorage()(small).stats == {"skipped_small": 1}
     coo_only = matmul_model(sparse_array((128, 128), 0.5))
     assert SparseStorage(formats=["coo"])(coo_only).stats == {"skipped_not_smaller": 1}  # 12 bytes/non-zero at 50%: bigger
