@@ -13,6 +13,7 @@ is no bigger than the constants it frees (a single-use weight behind Transpose/R
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import Counter
@@ -22,13 +23,11 @@ import onnx
 import onnx.helper
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx_ir.passes.common import ShapeInferencePass
 
 from graphopt.edit import NameSet, drop_if_unused, is_onnx_op
-from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._shapes import ShapeValues
-from graphopt.passes._util import const_array, legacy_constants, new_constant
+from graphopt.passes._util import const_array, inferred_shapes, legacy_constants, new_constant
 from graphopt.registry import register
 
 logger = logging.getLogger(__name__)
@@ -77,15 +76,11 @@ class FoldConstants(GraphPass):
 
     def call(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()
-        if self.shapes and tensor_bytes(model) < EXTERNAL_THRESHOLD:
-            try:
-                ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-            except Exception as e:  # inference is a help, never a requirement
-                logger.debug("shape inference failed: %s", e)
         names = NameSet(model)
         legacy = legacy_constants(model)
-        for graph in list(model.graphs()):
-            _fold_graph(self, model, graph, names, legacy, stats)
+        with inferred_shapes(model) if self.shapes else contextlib.nullcontext():
+            for graph in list(model.graphs()):
+                _fold_graph(self, model, graph, names, legacy, stats)
         stats = Counter({k: v for k, v in stats.items() if v})
         logger.debug("%s: %s", self.name, dict(stats))
         return PassResult(model, modified=bool(stats["folded"] + stats["lifted"] + stats["reshape_shape"]), stats=dict(stats))

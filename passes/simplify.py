@@ -19,6 +19,7 @@ from graphopt.edit import NameSet, bypass, onnx_opset
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._util import (
     const_array,
+    inferred_shapes,
     ints_input_or_attr,
     is_std,
     legacy_constants,
@@ -87,17 +88,17 @@ class RemoveDropout(GraphPass):
         opset = onnx_opset(model)
         legacy = legacy_constants(model)
         names = NameSet(model)
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if not is_std(node, "Dropout"):
-                continue
-            mode = DROPOUT.lookup("", "Dropout", opset)
-            if mode is None:
-                stats["skipped_opset"] += 1
-                continue
-            if (why := mode(node, legacy, self.assume_inference)) is not None:
-                stats[why] += 1
-                continue
-            stats[self._remove(node, opset, names, legacy)] += 1
+        dropouts = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if is_std(n, "Dropout")]
+        mode = DROPOUT.lookup("", "Dropout", opset)
+        if dropouts and mode is None:
+            stats["skipped_opset"] += len(dropouts)
+        elif dropouts:
+            with inferred_shapes(model):  # a consumed mask needs the static shape
+                for node in dropouts:
+                    if (why := mode(node, legacy, self.assume_inference)) is not None:
+                        stats[why] += 1
+                        continue
+                    stats[self._remove(node, opset, names, legacy)] += 1
         stats = Counter({k: v for k, v in stats.items() if v})
         logger.debug("%s: %s", self.name, dict(stats))
         return PassResult(model, modified=bool(stats["removed"] + stats["to_identity"]), stats=dict(stats))
@@ -279,6 +280,14 @@ class RemoveIdentity(GraphPass):
     def call(self, model: ir.Model) -> PassResult:
         ctx = _Ctx(legacy_constants(model), onnx_opset(model), self.keep_signed_zero)
         stats: Counter[str] = Counter()
+        with inferred_shapes(model):
+            self._run(model, ctx, stats)
+        stats = Counter({k: v for k, v in stats.items() if v})
+        modified = sum(v for k, v in stats.items() if k != "kept_io") > 0
+        logger.debug("%s: %s", self.name, dict(stats))
+        return PassResult(model, modified=modified, stats=dict(stats))
+
+    def _run(self, model: ir.Model, ctx: _Ctx, stats: Counter[str]) -> None:
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if node.graph is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
                 continue
@@ -303,10 +312,6 @@ class RemoveIdentity(GraphPass):
                 stats["to_identity"] += 1
             else:
                 stats["kept_io"] += 1  # input is a graph input/initializer/outer value and output a graph output
-        stats = Counter({k: v for k, v in stats.items() if v})
-        modified = sum(v for k, v in stats.items() if k != "kept_io") > 0
-        logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=modified, stats=dict(stats))
 
 
 def _used(node: ir.Node) -> bool:
