@@ -13,8 +13,8 @@ ORT's fusions). A lossy pass's budget applies at the deploy level.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import logging
 import re
 import tempfile
@@ -30,7 +30,8 @@ import onnxruntime as ort
 
 from graphopt import sparse
 from graphopt.data import Sample
-from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
+from graphopt.edit import iter_tensors
+from graphopt.io import EXTERNAL_THRESHOLD
 from graphopt.metrics import OutputError, Tolerance, compare_outputs
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,11 @@ class OrtFailure(Exception):
     """onnxruntime could not load or run a model; the message says why (one line)."""
 
 
-def session_options(level: Level, threads: int | None = None) -> ort.SessionOptions:
+def session_options(level: Level, threads: int | None = None, *, arena: bool = True) -> ort.SessionOptions:
+    """``arena=False`` turns off ORT's CPU memory arena: a few verification runs don't need its
+    speed, and what it caches (every dequantized weight, say) stays in the process after the session."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = _ORT_LEVEL[level]
     options.log_severity_level = 4  # errors come back as exceptions; ORT's own log lines would break the one-line CLI error
     if level == "exact":
@@ -60,11 +64,20 @@ def session_options(level: Level, threads: int | None = None) -> ort.SessionOpti
     return options
 
 
-def make_session(model: ir.Model, level: Level, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session for an in-memory model; big or externally stored models go through a temp file."""
-    options = session_options(level, threads)
+def make_session(model: ir.Model, level: Level, threads: int | None = None, *, arena: bool = True) -> ort.InferenceSession:
+    """A CPU session for a model. Tensors still in their input files are read by ORT from there (no
+    copy); only when the in-memory tensors pass 2 GB does the model go through a temp file."""
+    options = session_options(level, threads, arena=arena)
     try:
-        if tensor_bytes(model) < EXTERNAL_THRESHOLD and not _has_external(model):
+        in_memory, base_dirs = 0, set()
+        for tensor in iter_tensors(model):
+            if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.location).is_absolute():
+                base_dirs.add(str(tensor.base_dir))
+            else:
+                in_memory += tensor.nbytes
+        if in_memory < EXTERNAL_THRESHOLD and len(base_dirs) <= 1:
+            if base_dirs:  # relative locations resolve against the input model's folder
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dirs.pop())
             return ort.InferenceSession(sparse.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -74,16 +87,10 @@ def make_session(model: ir.Model, level: Level, threads: int | None = None) -> o
         raise OrtFailure(_one_line(e)) from e
 
 
-def _has_external(model: ir.Model) -> bool:
-    from graphopt.edit import iter_tensors
-
-    return any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
-
-
 def run(model: ir.Model, samples: Sequence[Sample], level: Level) -> list[dict[str, np.ndarray]]:
     """Outputs per sample, keyed by output name (bfloat16/float8/int4 ones widened exactly, see :func:`exchangeable`)."""
     model, widened = exchangeable(model)
-    session = make_session(model, level)
+    session = make_session(model, level, arena=False)
     names = [o.name for o in session.get_outputs()]
     outputs = []
     for sample in samples:
