@@ -6,12 +6,17 @@ Exit codes (documented in the README):
 ==  =====================================================================
 0   success
 1   unexpected internal error (a bug: please report it)
-2   usage: bad flags, pipeline text, option values, output paths
+2   usage: bad flags, pipeline text, option values; an output path that is the input, its data,
+    a directory, or can't be written
 3   the model or the input data cannot be read or is invalid
 4   a pass raised or broke an invariant (signature changed, invalid graph)
-5   verification failed: a pass went over its budget (on-violation=fail)
-6   finished, but some outputs could not be verified (see --allow-unverified)
-130 interrupted (SIGINT/SIGTERM); nothing was written
+5   verification failed: a pass went over its budget, or onnxruntime can no longer run the
+    model after it (on-violation=fail)
+6   the output was written, but some outputs could not be verified: onnxruntime has no kernel
+    for an op (the outputs that don't need it are still checked), doesn't support the opset,
+    or a run exceeded --ort-timeout (see --allow-unverified)
+130 interrupted (SIGINT/SIGTERM); nothing was written (or the complete output, if the
+    interrupt came after the save)
 ==  =====================================================================
 """
 
