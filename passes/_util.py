@@ -152,8 +152,9 @@ def inferred_shapes(model: ir.Model) -> Iterator[None]:
     """Shapes and types from onnx's shape inference while a pass runs, the model's own ones after.
 
     Inferred ``value_info`` left in a model changes what onnxruntime's fusions do at its default
-    level (seq_transformer ran 35% slower with it, 5% faster without), so it is a help to the pass
-    and not part of its output. Graph inputs and outputs keep what they have.
+    level (seq_transformer ran 35% slower with it, 5% faster without) and can contradict what a
+    runtime accepts (an If branch output inferred as int64[1] feeding Range, which wants a scalar), so
+    it is a help to the pass, not part of its output. The model's own inputs and outputs keep theirs.
     """
     saved = {v: (v.shape, v.type) for graph in model.graphs() for node in graph for v in node.outputs}
     if tensor_bytes(model) < EXTERNAL_THRESHOLD:
@@ -164,6 +165,7 @@ def inferred_shapes(model: ir.Model) -> Iterator[None]:
     try:
         yield
     finally:
+        signature = {*model.graph.inputs, *model.graph.outputs}  # subgraph outputs too get their own back
         for v, (shape, type_) in saved.items():
-            if not (v.is_graph_output() or v.is_graph_input()):
+            if v not in signature:
                 v.shape, v.type = shape, type_

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import logging
 from collections import Counter
 
@@ -43,6 +44,11 @@ NEVER = frozenset(
 HEAVY = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
 """Not evaluated when an input is over ``max_input_elements`` (evaluation time), even if it would not grow the file."""
 
+MOVES = frozenset(
+    {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Gather", "Expand", "Tile", "Shape", "Size"}
+)
+"""Ops that move values without computing new ones."""
+
 FILL_KEEPING = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Expand", "Tile", "Cast"})
 """A uniform tensor stays uniform through these: the result of one is a fill too."""
 
@@ -60,6 +66,7 @@ _DTYPES = frozenset(
 class _Folded:
     array: np.ndarray
     fill: bool = False  # a ConstantOfShape result, or a reshaping of one: stored only up to max_fill_elements
+    from_shape: bool = False  # depends on the static shape of a non-constant tensor (onnxruntime can't fold it)
 
 
 @register
@@ -114,10 +121,20 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
     # Store what a node we keep reads; a result nobody may store keeps its producer (whose inputs are then needed).
     kept: set[ir.Node] = set()
     done = set(folded)
-    pending = [v for n in folded for v in n.outputs if v.is_graph_output() or any(u.node not in done for u in v.uses())]
+    order = {n: i for i, n in enumerate(folded)}  # topological: consumers are handled before their producers
+    pending: list[tuple[int, int, ir.Value]] = []
+
+    def need(v: ir.Value) -> None:
+        heapq.heappush(pending, (-order[v.producer()], id(v), v))  # type: ignore[index]
+
+    for n in folded:
+        for v in n.outputs:
+            if v.is_graph_output() or any(u.node not in done for u in v.uses()):
+                need(v)
     store: list[ir.Value] = []
+    guarded: set[ir.Value] = set()
     while pending:
-        v = pending.pop()
+        v = heapq.heappop(pending)[2]
         if v in store or v.producer() in kept:
             continue
         node = v.producer()
@@ -125,10 +142,18 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
         big_fill = virtual[v].fill and virtual[v].array.size > p.max_fill_elements
         # IR<4 stores constants as Constant nodes: a ConstantOfShape would become one node for one, only bigger
         legacy_fill = legacy and is_onnx_op(node, "ConstantOfShape")
-        if v.is_graph_output() or big_fill or legacy_fill:
+        # An If condition that only shapes decide stays computed: made constant, onnxruntime would inline
+        # the branch at load and re-check its shapes, which lax exported branches (Range fed [1]) fail.
+        condition = virtual[v].from_shape and (v in guarded or any(is_onnx_op(u.node, "If") and u.idx == 0 for u in v.uses()))
+        if v.is_graph_output() or big_fill or legacy_fill or condition:
             kept.add(node)
-            stats["kept_graph_output" if v.is_graph_output() else "kept_fill"] += 1
-            pending.extend(i for i in node.inputs if i is not None and i in virtual)
+            why = "kept_graph_output" if v.is_graph_output() else "kept_if_condition" if condition else "kept_fill"
+            stats[why] += 1
+            inputs = [i for i in node.inputs if i is not None and i in virtual]
+            if condition:
+                guarded.update(i for i in inputs if virtual[i].from_shape)
+            for i in inputs:
+                need(i)
             continue
         store.append(v)
     for v in store:
@@ -174,16 +199,19 @@ def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, st
         return None
     tracked = shapes.known.get(node.outputs[0]) if p.shapes else None
     if tracked is not None and (known := tracked.array()) is not None:
-        return [_Folded(known)]  # the static part of a Shape chain
+        return [_Folded(known, from_shape=True)]  # the static part of a Shape chain
     if op in ("Shape", "Size") and node.inputs[0] is not None and array_of(node.inputs[0]) is None:
         if op == "Size" and p.shapes and node.inputs[0].shape is not None and node.inputs[0].shape.is_static():
-            return [_Folded(np.array(int(np.prod([int(d) for d in node.inputs[0].shape])), dtype=np.int64))]
+            return [_Folded(np.array(int(np.prod([int(d) for d in node.inputs[0].shape])), dtype=np.int64), from_shape=True)]
         return None
     inputs = [None if v is None else array_of(v) for v in node.inputs]
     if any(a is None for v, a in zip(node.inputs, inputs) if v is not None):
         return None
     if not all(_exchangeable(o) for o in node.outputs) or not all(_exchangeable(v) for v in node.inputs if v is not None):
         stats["skipped_type"] += 1
+        return None
+    if _half_arithmetic(node, inputs):
+        stats["skipped_float16"] += 1
         return None
     # bytes no longer stored once this node folds: single-use real constants and stored-to-be results, not fills
     freed = sum(
@@ -207,7 +235,17 @@ def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, st
         stats["input_too_large" if big_input else "output_too_large"] += 1
         return None
     fill = op == "ConstantOfShape" or (op in FILL_KEEPING and node.inputs[0] in virtual and virtual[node.inputs[0]].fill)
-    return [_Folded(o, fill=fill) for o in outs]
+    from_shape = any(v in virtual and virtual[v].from_shape for v in node.inputs if v is not None)
+    return [_Folded(o, fill=fill, from_shape=from_shape) for o in outs]
+
+
+def _half_arithmetic(node: ir.Node, inputs: list[np.ndarray | None]) -> bool:
+    """float16 arithmetic: onnxruntime's CPU computes it in float32 behind inserted Casts, and drops the
+    Casts between two such nodes, so one node evaluated alone rounds where the graph does not."""
+    halves = any(a is not None and a.dtype == np.float16 for a in inputs) or any(o.dtype == ir.DataType.FLOAT16 for o in node.outputs)
+    if not halves or node.op_type in MOVES:
+        return False
+    return not (node.op_type == "Cast" and node.outputs[0].dtype != ir.DataType.FLOAT16)  # widening is exact
 
 
 def _single_use(v: ir.Value, node: ir.Node) -> bool:

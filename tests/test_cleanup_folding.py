@@ -277,3 +277,21 @@ def test_fold_batchnorm_ir3_fill_parameters() -> None:
     assert stats == {"folded": 1}
     assert "BatchNormalization" not in ops(model) and ops(model).count("Constant") == 2  # new weight and bias
     assert [v.name for v in model.graph.inputs] == ["x", "w", "cs"]
+
+
+def test_float16_arithmetic_is_not_folded_but_moves_are() -> None:
+    """ORT computes float16 in float32 behind Casts it drops between nodes: folding one node rounds."""
+    text = """<ir_version: 8, opset_import: ["" : 17]> g (float16[2] x) => (float16[2] y) {
+        a = Constant<value=float16[2] {2, 3}>()  s = Sqrt(a)  t = Identity(a)  u = Mul(s, t)  y = Mul(x, u) }"""
+    model = from_text(text)
+    stats = FoldConstants()(model).stats
+    assert "Sqrt" in ops(model) and "Identity" not in ops(model) and stats["skipped_float16"] >= 1
+
+
+def test_if_condition_decided_by_shapes_stays_computed() -> None:
+    """Made constant, ORT would inline the branch at load and re-check (and reject) its lax shapes."""
+    text = """<ir_version: 8, opset_import: ["" : 17]> g (float[2,3] x) => (float[2,3] y) {
+        n = Size(x)  six = Constant<value=int64 {6}>()  c = Equal(n, six)
+        y = If(c) < then_branch = t () => (float[2,3] a) { a = Relu(x) }, else_branch = e () => (float[2,3] b) { b = Neg(x) } > }"""
+    model, stats = run_pass(text, FoldConstants())
+    assert {"Size", "Equal", "If"} <= set(ops(model)) and stats.get("kept_if_condition")
