@@ -167,7 +167,7 @@ class _Walker:
         self.set(out, layout)
 
     def visit(self, node: ir.Node, ins: list[Layout | None]) -> None:
-        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+        op = node.op_type if is_onnx_op(node, node.op_type) else f"{node.domain}:{node.op_type}"  # custom domains block
         layer = as_linear_layer(node)
         if layer is not None and op in ("MatMul", "Gemm", "Conv"):
             return self._linear(layer, ins)
@@ -214,6 +214,9 @@ class _Walker:
                 self.a.terminals.append((layer, layout))
                 return self.a.edits.append(Edit(layer.node, 1, 1, layout))
             if group == w[0] == layout.size and w[1] == 1:  # depthwise: channel c in, channel c out
+                bias = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+                if bias is not None and constant_tensor(bias) is None:
+                    return self.block(ins, "bias_not_constant")
                 self.a.depthwise.append((layer.node, layout))
                 self.a.edits.append(Edit(layer.node, 1, 0, layout))
                 if len(layer.node.inputs) > 2 and layer.node.inputs[2] is not None:
