@@ -90,6 +90,7 @@ def _run_checked(
 ) -> ir.Model:
     signature = _signature(model)
     p.calibration = settings.calibration if p.uses_data else None
+    mapped = _external(model)
     start = time.perf_counter()
     try:
         result = p(model)
@@ -99,6 +100,8 @@ def _run_checked(
         raise PassFailed(f"pass '{p.name}' raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     finally:
         p.calibration = None
+        for tensor in mapped + _external(model):  # unmap what the pass read: pages of weights it replaced
+            tensor.release()  # would otherwise stay resident (tensors are shared with the caller's model)
     seconds = time.perf_counter() - start
     stats = result.stats if isinstance(result, PassResult) else {}
     layers = result.layers if isinstance(result, PassResult) else []
@@ -143,6 +146,10 @@ def _worst_layer(layers: Sequence[dict]) -> str:
         return ""
     w = min(scored, key=lambda r: r["sqnr_db"])
     return f"; lowest layer SQNR of the {len(scored)} changed: layer '{w.get('layer', '?')}' {w['sqnr_db']:.2f} dB"
+
+
+def _external(model: ir.Model) -> list[ir.ExternalTensor]:
+    return [t for t in iter_tensors(model) if isinstance(t, ir.ExternalTensor)]
 
 
 def _signature(model: ir.Model) -> list[tuple[str, str, str]]:
