@@ -125,15 +125,24 @@ def bypass(node: ir.Node, output_index: int, replacement: ir.Value) -> bool:
         return False
     if replacement.producer() is not None and replacement.producer().graph is not graph:
         return False  # an outer-scope value: renaming it would change another graph
-    name = out.name
-    if replacement.type is None:  # the graph output keeps its declared type (the signature check reads it)
-        replacement.type = out.type
-    if replacement.shape is None:
-        replacement.shape = out.shape
-    out.replace_all_uses_with(replacement, replace_graph_outputs=True)
-    out.name = None
-    replacement.name = name
+    replace_keeping_name(out, replacement)
     return True
+
+
+def replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
+    """Point every user of ``old`` (graph outputs too) at ``new``, which takes ``old``'s name, type and shape
+    where it has none (a graph output keeps its declared signature).
+
+    ``new`` must be a value nobody else names (a new node's output or a fresh initializer).
+    """
+    name = old.name
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
 
 
 def count_nodes(model: ir.Model) -> int:

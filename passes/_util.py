@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from graphopt.edit import NameSet, add_initializer, constant_tensor, drop_if_unused, is_onnx_op
+from graphopt.edit import NameSet, add_initializer, constant_tensor, drop_if_unused, is_onnx_op, replace_keeping_name
 from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -66,21 +66,6 @@ def ints_input_or_attr(node: ir.Node, index: int, attr: str, legacy: bool) -> li
         array = const_array(node.inputs[index], legacy)
         return None if array is None else [int(x) for x in array.reshape(-1)]
     return None
-
-
-def replace_keeping_name(old: ir.Value, new: ir.Value) -> None:
-    """Point every user of ``old`` (graph outputs too) at ``new``, which takes ``old``'s name.
-
-    ``new`` must be a fresh value nobody else names (a new node's output or a new initializer).
-    """
-    name = old.name
-    if new.type is None:
-        new.type = old.type
-    if new.shape is None:
-        new.shape = old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
 
 
 def to_identity(node: ir.Node, data: ir.Value) -> None:
