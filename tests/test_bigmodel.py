@@ -25,7 +25,7 @@ from benchmarks.bigmodel import GRAPHOPT, available, baseline_rss, build, run_cl
 
 from graphopt import io  # noqa: E402
 
-LAYERS, DIM = 18, 2048  # 18 x 16 MB = 302 MB
+LAYERS, DIM = 8, 3072  # 8 x 37.7 MB = 302 MB (18 x 2048^2 loses 30 dB to int8 over its depth)
 PIPELINES = {"cleanup": "cleanup", "svd-split": "svd-split{include=[w0]}", "quantize-weights": "quantize-weights"}
 
 
@@ -53,7 +53,8 @@ def test_external_data_model(big: tuple[Path, int, int, str], label: str, tmp_pa
     out = tmp_path / "o.onnx"
     r = run_cli(["optimize", str(model), "-o", str(out), "-p", PIPELINES[label], "--report", str(tmp_path / "r.json"), "-q"], tmp_path)
     assert r["exit"] == 0, r["stderr"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "o.onnx.data", "r.json", "stderr.txt"]  # external data, no litter
+    written = sorted(p.name for p in tmp_path.iterdir())  # no litter; external data unless the output is small now (int8)
+    assert written == ["o.onnx", "o.onnx.data", "r.json", "stderr.txt"] or (label == "quantize-weights" and written == ["o.onnx", "r.json", "stderr.txt"]), written
     onnx.checker.check_model(str(out))
     saved = io.load(out)
     assert [v.name for v in saved.graph.inputs] == ["x"] and str(saved.graph.inputs[0].shape[0]) == "batch"
