@@ -114,7 +114,11 @@ def sweep(pipeline: str, *, quick: bool = False, workers: int = 1, limit: int | 
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the case generators overflow casts on purpose
-        cases = [c for op in op_types for c in collect_testcases(op)] if op_types else collect_testcases()
+        # Always collect everything: onnx's collector imports its case modules once, so a first call
+        # filtered by op type would leave later unfiltered calls with only those cases.
+        cases = list(collect_testcases())
+    if op_types:
+        cases = [c for c in cases if any(node.op_type in op_types for node in c.model.graph.node)]
     if quick:
         cases = cases[::15]
     if limit:
