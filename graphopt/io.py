@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -178,22 +179,28 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, protect: tuple[Path, 
     for target in targets:
         if target.resolve() in protected:
             raise UsageError(f"refusing to overwrite '{target}': it is the input model or its data")
+    tmp: Path | None = None
     try:
-        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.tmp") as tmp:
-            tmp_model = Path(tmp) / path.name
-            try:
-                if external:
-                    ir.save(model, tmp_model, external_data=data_name)
-                else:
-                    sparse.save(model, tmp_model)  # marked initializers as sparse_initializer
-            except ValueError as e:
-                raise UsageError(f"cannot serialize the model to '{path}': {_short(e)}") from None
-            with _signals_deferred():  # an interrupt between the two renames would pair new data with an old model
-                if external:
-                    os.replace(Path(tmp) / data_name, parent / data_name)
-                os.replace(tmp_model, path)
+        with _signals_deferred():  # the temp dir exists only inside the try that removes it
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp"))
+        tmp_model = tmp / path.name
+        try:
+            if external:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                sparse.save(model, tmp_model)  # marked initializers as sparse_initializer
+        except ValueError as e:
+            raise UsageError(f"cannot serialize the model to '{path}': {_short(e)}") from None
+        with _signals_deferred():  # an interrupt between the two renames would pair new data with an old model
+            if external:
+                os.replace(tmp / data_name, parent / data_name)
+            os.replace(tmp_model, path)
     except OSError as e:  # read-only or full file system, permissions root doesn't bypass
         raise UsageError(f"cannot write '{path}': {e.strerror or _short(e)}") from None
+    finally:
+        if tmp is not None:
+            with _signals_deferred():  # an interrupt mid-removal would leave half a temp dir behind
+                shutil.rmtree(tmp, ignore_errors=True)
     return targets
 
 
