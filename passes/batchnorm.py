@@ -76,6 +76,8 @@ def _fold(bn: ir.Node, opset: int, legacy: bool, names: NameSet, matmul: bool, m
     if bias_value is not None and bias is None:
         return "bias_not_constant"
     scale, shift, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)  # type: ignore[union-attr]
+    if not scale.size == shift.size == mean.size == var.size:
+        return "shape_mismatch"  # an invalid BN (ORT would reject it too): leave it for the verifier to report
     eps = bn.attributes.get_float("epsilon", 1e-5)
     a = scale / np.sqrt(var + np.float64(np.float32(eps)))
     b = shift - mean * a

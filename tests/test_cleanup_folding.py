@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -295,3 +296,15 @@ def test_if_condition_decided_by_shapes_stays_computed() -> None:
         y = If(c) < then_branch = t () => (float[2,3] a) { a = Relu(x) }, else_branch = e () => (float[2,3] b) { b = Neg(x) } > }"""
     model, stats = run_pass(text, FoldConstants())
     assert {"Size", "Equal", "If"} <= set(ops(model)) and stats.get("kept_if_condition")
+
+
+def test_fold_batchnorm_leaves_malformed_parameters_alone() -> None:
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 2, 4, 4] x) => (float[1, 3, 4, 4] y)
+    <float[3, 2, 1, 1] w = {1, 2, 3, 4, 5, 6}, float[3] s = {1, 1, 1}, float[2] b = {0, 0}, float[3] m = {0, 0, 0}, float[3] v = {1, 1, 1}> {
+        c = Conv(x, w)
+        y = BatchNormalization(c, s, b, m, v)
+    }"""
+    model = ir.from_proto(onnx.parser.parse_model(text))  # invalid on purpose: no checker here
+    result = FoldBatchnorm()(model)
+    assert not result.modified and result.stats.get("shape_mismatch") == 1
