@@ -55,7 +55,10 @@ def run_worker(tool: str, src: Path, dst: Path, calib: Path, timeout: float) -> 
     info_path = dst.with_suffix(".json")
     cmd = [sys.executable, "-m", "benchmarks.zoo_tools", tool, str(src), str(dst), str(calib), str(info_path)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Run in the output's folder: onnxruntime's quantization tools drop temp files (external data with
+    # random names, sym_shape_infer_temp.onnx) into the working directory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, cwd=dst.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rusage = None
     while rusage is None:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

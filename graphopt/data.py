@@ -59,18 +59,19 @@ def resolve_shape(value: ir.Value, spec: ShapeSpec) -> tuple[int, ...]:
         raise InputDataError(f"input '{name}' has no shape in the model: give it with --input-shape {name}:DxDx...")
     dims = []
     for i, dim in enumerate(value.shape):
-        if isinstance(dim, int):
+        if isinstance(dim, int) and dim >= 0:
             dims.append(dim)
-        elif dim is not None and str(dim.value) in spec.by_dim:
-            dims.append(spec.by_dim[str(dim.value)])
+            continue
+        symbol = None if isinstance(dim, int) or dim is None else dim.value  # -1: paddle2onnx's "dynamic"
+        if symbol is not None and str(symbol) in spec.by_dim:
+            dims.append(spec.by_dim[str(symbol)])
         elif i == 0:
             dims.append(1)  # batch-like: one sample is always a valid batch
         else:
-            label = f"'{dim.value}'" if dim is not None and dim.value else "(unnamed)"
             raise InputDataError(
-                f"input '{name}' dimension {i} {label} is dynamic: set it with --input-shape {name}:"
-                + "x".join(str(d) if isinstance(d, int) else "N" for d in value.shape)
-                + (f" or --input-shape {dim.value}=N" if dim is not None and dim.value else "")
+                f"input '{name}' dimension {i} {f'{symbol!r}' if symbol else '(unnamed)'} is dynamic: set it with --input-shape {name}:"
+                + "x".join(str(d) if isinstance(d, int) and d >= 0 else "N" for d in value.shape)
+                + (f" or --input-shape {symbol}=N" if symbol else "")
             )
     return tuple(dims)
 
@@ -170,6 +171,6 @@ def check_array(value: ir.Value, array: np.ndarray, *, source: str) -> None:
         raise InputDataError(f"input '{value.name}' in {source} is {array.dtype}, the model expects {value.dtype.numpy()}")
     if value.shape is not None:
         for i, (want, got) in enumerate(zip(value.shape, array.shape)):
-            if isinstance(want, int) and want != got:
+            if isinstance(want, int) and want >= 0 and want != got:
                 raise InputDataError(f"input '{value.name}' in {source} has shape {list(array.shape)}, dimension {i} must be {want}")
 

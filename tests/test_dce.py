@@ -140,3 +140,18 @@ def test_dce_bit_exact_on_real_models(path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     graphopt.save(model, out)
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_minus_one_dims_are_dynamic() -> None:
+    """paddle2onnx writes dim_value -1 for a dynamic batch: generated inputs and --inputs accept any size there."""
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }""")
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = -1
+    model = ir.from_proto(proto)
+    _, report = graphopt.optimize(model, "dce", input_shape=[])
+    assert report.reference_samples == 2
+    import numpy as np
+
+    _, report = graphopt.optimize(model, "dce", inputs={"x": np.ones((5, 3), np.float32)})
+    assert report.verification == "on"
