@@ -62,6 +62,16 @@ def latency_ratios(paths: dict[str, Path], feed: dict[str, np.ndarray], *, round
     return {k: statistics.median(v) for k, v in per.items()}
 
 
+def add_latency_columns(rows: list[dict[str, Any]], feed: dict[str, np.ndarray], batches: Sequence[int] = (1, 64), **kw: Any) -> None:
+    """``lat_b<N>`` (ratio to ``rows[0]``, the original) and ``lat_b<N>_ms`` for each row's ``path``."""
+    for batch in batches:
+        paths = {str(i): r["path"] for i, r in enumerate(rows)}
+        lat = latency_ratios(paths, {k: v[:batch] for k, v in feed.items()}, **kw)
+        for i, r in enumerate(rows):
+            r[f"lat_b{batch}"] = round(lat[str(i)] / lat["0"], 3)
+            r[f"lat_b{batch}_ms"] = round(lat[str(i)], 4)
+
+
 def outputs(path: str | Path, samples: Sequence[dict[str, np.ndarray]], level: str = "deploy") -> list[dict[str, np.ndarray]]:
     sess = session(path, level=level)
     names = [o.name for o in sess.get_outputs()]

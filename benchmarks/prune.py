@@ -223,12 +223,7 @@ def run_model(name: str, tmp: Path, quick: bool) -> list[dict[str, Any]]:
     kw: dict[str, Any] = {"repeats": 5, "min_seconds": 0.05, "rounds": 1} if quick else {"repeats": 20, "min_seconds": 0.2, "rounds": 3}
     timed = [r for r in rows if "path" in r]
     b64 = {k: v[:64] for k, v in scored.items()}
-    for batch, column in ((1, "lat_b1"), (64, "lat_b64")):
-        paths = {str(i): r["path"] for i, r in enumerate(timed)}
-        lat = harness.latency_ratios(paths, {k: v[:batch] for k, v in scored.items()}, **kw)
-        for i, r in enumerate(timed):
-            r[column] = round(lat[str(i)] / lat["0"], 3)
-            r[column + "_ms"] = round(lat[str(i)], 4)
+    harness.add_latency_columns(timed, scored, **kw)
     for r in timed:  # the decoder costs nothing once loaded: sparse file against the same model dense, side by side
         if "sparse_path" in r and r["sparse_bytes"] < 0.98 * r["bytes"] and r["method"] in ("magnitude", "wanda") and r["target"] == 0.5:
             lat = harness.latency_ratios({"dense": r["path"], "sparse": r["sparse_path"]}, b64, **(kw | {"rounds": 1 if quick else 5}))

@@ -177,12 +177,7 @@ def run_model(name: str, ratios: tuple[float, ...], modes: tuple[str, ...], tmp:
                 "path": path, "layers": [{k: r[k] for k in ("layer", "shape", "rank", "params_before", "params_after") if k in r} | {"sqnr_db": r.get("sqnr_db")} for r in result.layers],
             })
     kw = {"repeats": 5, "min_seconds": 0.05, "rounds": 1} if quick else {"repeats": 30, "min_seconds": 0.3, "rounds": 3}
-    for batch, column in ((1, "lat_b1"), (64, "lat_b64")):
-        paths = {str(i): r["path"] for i, r in enumerate(rows)}
-        lat = harness.latency_ratios(paths, {k: v[:batch] for k, v in feed.items()}, **kw)
-        for i, r in enumerate(rows):
-            r[column] = round(lat[str(i)] / lat["0"], 3)
-            r[column + "_ms"] = round(lat[str(i)], 4)
+    harness.add_latency_columns(rows, feed, **kw)
     for r in rows:
         del r["path"]
     return rows
