@@ -1,0 +1,89 @@
+"""Fold a per-channel constant Add after Conv/ConvTranspose into the convolution's bias.
+
+Paddle and TF exports often write ``Conv(x, W)`` followed by ``Add(·, b[1, C, 1, 1])``. The bias
+is added after the convolution's sums in onnxruntime's kernels too, so the outputs stay bit-exact
+(measured) when the Conv had no bias; with one, ``b + a`` is rounded once before it is added,
+which moves outputs by an ulp. Hence the stated tolerance (fold-batchnorm's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.edit import NameSet, bypass, drop_if_unused
+from graphopt.passbase import GraphPass, PassResult
+from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input
+from graphopt.passes.batchnorm import FoldBatchnorm
+from graphopt.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@register
+@dataclasses.dataclass
+class FoldConvBias(GraphPass):
+    """Fold Add of a per-output-channel constant after Conv/ConvTranspose into the convolution's bias."""
+
+    name = "fold-conv-bias"
+    lossless = False
+    tolerance = FoldBatchnorm.tolerance
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats: Counter[str] = Counter()
+        legacy = legacy_constants(model)
+        names = NameSet(model)
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if is_std(node, "Add") and len(node.inputs) == 2:
+                stats[_fold(node, legacy, names)] += 1
+        stats.pop("not_after_conv", None)
+        logger.debug("%s: %s", self.name, dict(stats))
+        return PassResult(model, modified=stats["folded"] > 0, stats={k: v for k, v in stats.items() if v})
+
+
+def _fold(add: ir.Node, legacy: bool, names: NameSet) -> str:
+    for side in (0, 1):
+        conv_out, other = add.inputs[side], add.inputs[1 - side]
+        conv = conv_out.producer() if conv_out is not None else None
+        if conv is not None and is_std(conv, ("Conv", "ConvTranspose")) and conv.graph is add.graph:
+            break
+    else:
+        return "not_after_conv"
+    assert conv_out is not None
+    if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+        return "conv_output_shared"
+    addend = const_array(other, legacy)
+    weight = const_array(conv.inputs[1], legacy)
+    if addend is None or weight is None:
+        return "not_constant"
+    if addend.dtype != weight.dtype or weight.dtype not in (np.float32, np.float64):
+        return "skipped_dtype"
+    channels = weight.shape[1] * conv.attributes.get_int("group", 1) if conv.op_type == "ConvTranspose" else weight.shape[0]
+    per_channel = _per_channel(addend, out_rank=weight.ndim, channels=channels)
+    if per_channel is None:
+        return "not_per_channel"
+    old_bias = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = const_array(old_bias, legacy) if old_bias is not None else np.zeros(channels, weight.dtype)
+    if bias is None:
+        return "bias_not_constant"
+    replace_input(conv, 2, (bias.reshape(-1) + per_channel).astype(weight.dtype), names, as_node=legacy)
+    if not bypass(add, 0, conv_out):
+        return "output_name_kept"  # pragma: no cover - conv_out is a plain intermediate here
+    add.graph.remove(add, safe=True)
+    if other is not None:
+        drop_if_unused(other)
+    return "folded"
+
+
+def _per_channel(addend: np.ndarray, *, out_rank: int, channels: int) -> np.ndarray | None:
+    """The addend as a ``[channels]`` vector when it broadcasts along the channel axis only, else None."""
+    if addend.ndim > out_rank:
+        return None
+    dims = (1,) * (out_rank - addend.ndim) + addend.shape
+    if dims[0] != 1 or any(d != 1 for d in dims[2:]) or dims[1] not in (1, channels):
+        return None
+    return np.broadcast_to(addend.reshape(-1), (channels,)).copy()
