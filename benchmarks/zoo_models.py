@@ -21,13 +21,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 TRAINED = ("digits_skl_mlp", "digits_cnn", "digits_mlp_wide", "seq_transformer")
-PRETRAINED = ("minilm", "ocr_rec", "ocr_cls", "ocr_det")
+PRETRAINED = ("minilm", "ocr_rec", "ocr_cls", "ocr_det", "effnet_lite0")
 LIGHT = tuple(f"light_{n}" for n in ("squeezenet", "shufflenet", "inception_v1", "densenet121", "inception_v2", "resnet50", "bvlc_alexnet", "zfnet512", "vgg19"))
 DEFAULT = (*TRAINED, *PRETRAINED, "light_squeezenet", "light_shufflenet", "light_resnet50")
 """The full run (about 20 minutes on 2 busy cores); Inception v1/v2, DenseNet121, AlexNet, ZFNet and
 VGG19 (250-570 MB) are there with ``--models``."""
 QUICK = ("digits_skl_mlp",)
-LATENCY_BATCH = {"trained": 32, "minilm": 32, "ocr_rec": 8, "ocr_cls": 16, "ocr_det": 1, "light": 1}
+LATENCY_BATCH = {"trained": 32, "minilm": 32, "ocr_rec": 8, "ocr_cls": 16, "ocr_det": 1, "effnet_lite0": 4, "light": 1}
 
 
 @dataclass

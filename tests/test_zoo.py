@@ -53,6 +53,13 @@ def test_text_iou() -> None:
     assert pretrained.text_iou(maps, masks) == pytest.approx(0.5)
 
 
+def test_imagenet_top1_agreement_and_top5_retention() -> None:
+    logits = np.array([[0.0, 5, 4, 3, 2, 1], [9, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]], np.float32)
+    labels = np.array([1, 2, 0])  # hit; in the top 5; ranked last (out of the top 5)
+    got = pretrained.score("effnet_lite0", {"logits": logits}, labels)
+    assert got == {"top1_agreement": pytest.approx(1 / 3), "top5_retention": pytest.approx(2 / 3)}
+
+
 # ---------------------------------------------------------------- light models
 
 
