@@ -87,8 +87,8 @@ def optimize(
     verification = "off"
     data: list[Sample] = []
     if verify:
-        data, _ = prepare_inputs(work, inputs, input_shape=input_shape, samples=samples, seed=seed)
-        verifier = Verifier(work, data, deploy=deploy_check)
+        data, labels = prepare_inputs(work, inputs, input_shape=input_shape, samples=samples, seed=seed)
+        verifier = Verifier(work, data, deploy=deploy_check, labels=labels)
         verification = verifier.status
     calib = Calibration(tuple(prepare_inputs(work, calibration, input_shape=input_shape, samples=max(samples, 8), seed=seed + 1)[0])) if calibration is not None else None
     if calib is None and data:

@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", help="output model (default: ./<name>.opt.onnx)")
     opt.add_argument("-p", "--pipeline", help="pipeline text or @file (default: the default pipeline)")
     opt.add_argument("--calibration", metavar="NPZ", help="data for data-aware passes (default: the verification inputs)")
-    opt.add_argument("--tolerance", metavar="SPEC", help="default budget of lossy passes, e.g. sqnr=30,cosine=0.999,max-abs=1e-3,max-rel=0.01")
+    opt.add_argument("--tolerance", metavar="SPEC", help="default budget of lossy passes, e.g. sqnr=30,cosine=0.999,max-abs=1e-3,max-rel=0.01; "
+                     "accuracy-drop=0.5 (points of task accuracy, needs 'labels' in --inputs) replaces the passes' own output budgets")
     opt.add_argument("--on-violation", choices=["fail", "rollback"], default="fail", help="stop (default) or undo a pass that breaks its budget")
     opt.add_argument("--no-verify", action="store_true", help="skip onnxruntime verification (a warning is printed and stamped in the model)")
     opt.add_argument("--no-deploy-check", action="store_true", help="verify at ORT_DISABLE_ALL only")
@@ -163,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 def parse_tolerance(spec: str | None) -> Tolerance | None:
     if not spec:
         return None
-    keys = {"max-abs": "max_abs", "max-rel": "max_rel", "sqnr": "min_sqnr_db", "cosine": "min_cosine"}
+    keys = {"max-abs": "max_abs", "max-rel": "max_rel", "sqnr": "min_sqnr_db", "cosine": "min_cosine", "accuracy-drop": "max_accuracy_drop"}
     values = {}
     for part in spec.split(","):
         key, _, value = part.partition("=")
@@ -243,7 +244,9 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def report_table(report: Any) -> Table:
     t = Table(title=f"graphopt: {report.model}", title_justify="left")
-    for col in ("pass", "nodes", "params", "bytes", "s", "max abs", "max rel", "SQNR dB", "cosine", "deploy max abs", "verdict"):
+    with_accuracy = any(r.accuracy for r in report.records)
+    columns = ("pass", "nodes", "params", "bytes", "s", "max abs", "max rel", "SQNR dB", "cosine", "deploy max abs", *(("accuracy",) if with_accuracy else ()), "verdict")
+    for col in columns:
         t.add_column(col, justify="left" if col in ("pass", "verdict") else "right", no_wrap=True)
     for r in report.records:
         j = r.to_json()
@@ -261,6 +264,7 @@ def report_table(report: Any) -> Table:
             "inf" if j["bit_exact"] else _num(j["sqnr_db"], False, r.modified, ".1f"),
             _num(j["cosine"], j["bit_exact"], r.modified, ".6f", zero="1"),
             _num(dep.get("max_abs_error"), dep.get("bit_exact"), r.modified and bool(dep)),
+            *((f"{r.accuracy[0]:.4f} → {r.accuracy[1]:.4f}" if r.accuracy else "-",) if with_accuracy else ()),
             f"[{style}]{r.verdict}[/]" if style else r.verdict,
         )
     return t
@@ -324,13 +328,14 @@ def _passes(args: argparse.Namespace) -> int:
     t = Table(title="passes", title_justify="left", show_lines=True)
     for col in ("pass", "kind", "description", "options (name: type = default)"):
         t.add_column(col)
-    budget = {"budget-max-abs", "budget-min-sqnr", "budget-min-cosine"}
+    budget = {"budget-max-abs", "budget-min-sqnr", "budget-min-cosine", "budget-max-accuracy-drop"}
     for name, cls in passes.items():
         opts = "\n".join(f"{o.name}: {o.type} = {_fmt_default(o.default)}  [dim]{o.doc}[/]" for o in describe(cls) if o.name not in budget)
         kind = "lossless" if cls.lossless else f"lossy ({cls.tolerance})"
         t.add_row(name, kind, cls.summary(), opts or "-")
     out.print(t)
-    out.print("Every pass also takes budget-max-abs, budget-min-sqnr and budget-min-cosine, overriding its verification budget.")
+    out.print("Every pass also takes budget-max-abs, budget-min-sqnr, budget-min-cosine and budget-max-accuracy-drop (points of task accuracy "
+              "against the 'labels' of --inputs; it replaces the pass's default budget), overriding its verification budget.")
     for name, text in presets().items():
         out.print(f"preset [bold]{name}[/] = {format_pipeline(parse_pipeline(text))}")
     return 0

@@ -18,12 +18,15 @@ class Tolerance:
 
     ``max_abs`` and ``max_rel`` combine elementwise as ``|d| <= max_abs + max_rel * |ref|``
     (numpy's allclose form); with only one of them set, the other counts as 0.
+    ``max_accuracy_drop`` is in percentage points of task accuracy against labels (see
+    :func:`task_accuracy`); it needs labelled verification inputs.
     """
 
     max_abs: float | None = None
     max_rel: float | None = None
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
+    max_accuracy_drop: float | None = None
 
     @classmethod
     def exact(cls) -> Tolerance:
@@ -47,7 +50,13 @@ class Tolerance:
             parts.append(f"sqnr >= {self.min_sqnr_db:g} dB")
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine:g}")
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
         return ", ".join(parts) or "none"
+
+    def without_output_criteria(self) -> Tolerance:
+        """Only the task criterion: what a task budget leaves of a pass's default budget."""
+        return Tolerance(max_accuracy_drop=self.max_accuracy_drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +139,33 @@ def compare_outputs(
             continue
         errors.append(compare_arrays(name, [s[name] for s in ref], [s[name] for s in got], tol))
     return errors
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskAccuracy:
+    """Top-1 accuracy of one output against the labels."""
+
+    output: str
+    accuracy: float
+
+
+def task_accuracy(outputs: Sequence[Mapping[str, np.ndarray]], labels: np.ndarray, rows: Sequence[int] | None = None) -> TaskAccuracy | None:
+    """Accuracy of the first output that predicts ``labels`` (the rows of all samples, concatenated):
+    an integer output shaped like the labels is compared directly (classifier labels, e.g.
+    skl2onnx's), a float output with one more trailing axis by its argmax (logits, probabilities).
+    ``rows``: each sample's batch size; an output must have that many rows per sample, so a shape
+    or count output can't pass for predictions. None if no output fits."""
+    labels = np.asarray(labels)
+    for name in outputs[0] if outputs else ():
+        parts = [np.asarray(s[name]) for s in outputs]
+        if any(p.ndim == 0 for p in parts) or (rows is not None and [len(p) for p in parts] != list(rows)):
+            continue
+        got = np.concatenate(parts)
+        if got.dtype.kind in "iub" and got.shape == labels.shape:
+            return TaskAccuracy(name, float(np.mean(got == labels)))
+        if got.dtype.kind == "f" and got.shape[:-1] == labels.shape and got.shape[-1] > 1:
+            return TaskAccuracy(name, float(np.mean(got.argmax(-1) == labels)))
+    return None
 
 
 def worst(errors: Sequence[OutputError]) -> OutputError | None:

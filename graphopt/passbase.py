@@ -63,6 +63,9 @@ class GraphPass(ir.passes.InPlacePass):
     budget_max_abs: float | None = option(None, "verification budget: max abs error (overrides the pass default)")
     budget_min_sqnr: float | None = option(None, "verification budget: SQNR floor in dB")
     budget_min_cosine: float | None = option(None, "verification budget: cosine similarity floor")
+    budget_max_accuracy_drop: float | None = option(
+        None, "verification budget: task accuracy may drop by at most this many points (needs labels; replaces the default output-error budget)"
+    )
 
     def __post_init__(self) -> None:
         self.calibration: Calibration | None = None  # set by the runner, never part of the options
@@ -72,9 +75,18 @@ class GraphPass(ir.passes.InPlacePass):
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     def budget(self, default: Tolerance | None = None) -> Tolerance:
-        """The tolerance this pass is held to: its own, then ``default`` (e.g. ``--tolerance``), then its options."""
-        base = self.tolerance if default is None or self.lossless else self.tolerance.merged(default)
-        return base.merged(Tolerance(max_abs=self.budget_max_abs, min_sqnr_db=self.budget_min_sqnr, min_cosine=self.budget_min_cosine))
+        """The tolerance this pass is held to: its own, then ``default`` (e.g. ``--tolerance``), then its options.
+
+        A task budget (accuracy drop) on a lossy pass replaces the pass's default output-error
+        criteria: a user who states the accuracy they can give up shouldn't also be held to an SQNR
+        they never asked for. Output criteria set explicitly (``default`` or options) still apply."""
+        own = Tolerance(max_abs=self.budget_max_abs, min_sqnr_db=self.budget_min_sqnr, min_cosine=self.budget_min_cosine,
+                        max_accuracy_drop=self.budget_max_accuracy_drop)  # fmt: skip
+        if self.lossless:
+            return self.tolerance.merged(own)
+        asked = (default or Tolerance()).merged(own)
+        base = self.tolerance.without_output_criteria() if asked.max_accuracy_drop is not None else self.tolerance
+        return base.merged(asked)
 
     def options(self, *, full: bool = False) -> dict[str, Any]:
         """Option values by field name; non-default ones only unless ``full`` (which still leaves out

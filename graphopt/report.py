@@ -83,6 +83,7 @@ class PassRecord:
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
     layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     iteration: int | None = None  # round inside a repeat{...}
+    accuracy: tuple[float, float] | None = None  # task accuracy (input model, this step) when labels were given
     source: object = dataclasses.field(default=None, repr=False, compare=False)  # the pass object that ran
 
     @property
@@ -114,6 +115,7 @@ class PassRecord:
             "rolled_back": self.verdict == "rolled-back",
             "violations": self.violations,
             "unverified_reason": self.unverified or None,
+            "accuracy": {"reference": self.accuracy[0], "after": self.accuracy[1]} if self.accuracy else None,
             "stats": self.stats,
             "layers": self.layers,
             **({"iteration": self.iteration} if self.iteration is not None else {}),

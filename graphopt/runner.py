@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, PassFailed, VerificationError
+from graphopt.errors import GraphoptError, PassFailed, UsageError, VerificationError
 from graphopt.edit import all_graphs, iter_tensors
 from graphopt.metrics import Tolerance
 from graphopt.passbase import Calibration, GraphPass, PassResult
@@ -89,6 +89,8 @@ def _run_checked(
     iteration: int | None,
 ) -> ir.Model:
     signature = _signature(model)
+    if verifier is not None and not p.lossless and p.budget(settings.tolerance).max_accuracy_drop is not None and (why := verifier.can_judge_accuracy()):
+        raise UsageError(f"pass '{p.name}': {why}")
     p.calibration = settings.calibration if p.uses_data else None
     mapped = _external(model)
     start = time.perf_counter()
@@ -125,6 +127,8 @@ def _run_checked(
     record.verify_seconds = time.perf_counter() - start
     record.exact, record.deploy, record.vs_previous = check.exact, check.deploy, check.vs_previous
     record.violations, record.unverified = check.violations, check.unverified
+    if check.accuracy is not None and verifier.reference_accuracy is not None:
+        record.accuracy = (verifier.reference_accuracy.accuracy, check.accuracy.accuracy)
     if check.unverified:
         record.verdict = "unverified"
     elif not check.violations:

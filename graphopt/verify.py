@@ -33,7 +33,7 @@ from graphopt import sparse
 from graphopt.data import Sample
 from graphopt.edit import iter_tensors
 from graphopt.io import EXTERNAL_THRESHOLD
-from graphopt.metrics import OutputError, Tolerance, compare_outputs
+from graphopt.metrics import OutputError, TaskAccuracy, Tolerance, compare_outputs, task_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class Check:
     vs_previous: list[OutputError]
     violations: list[str]
     unverified: str = ""  # why ORT could not check this model, if it could not
+    accuracy: TaskAccuracy | None = None  # with labels: at the level the budget is judged on
 
 
 class Verifier:
@@ -235,8 +236,9 @@ class Verifier:
     the others and why. ``unavailable`` says why nothing at all could be checked.
     """
 
-    def __init__(self, model: ir.Model, samples: Sequence[Sample], *, deploy: bool = True) -> None:
+    def __init__(self, model: ir.Model, samples: Sequence[Sample], *, deploy: bool = True, labels: np.ndarray | None = None) -> None:
         self.samples = list(samples)
+        self.labels = labels
         self.deploy = deploy
         self.unavailable = ""
         self.unchecked: dict[str, str] = {}
@@ -263,6 +265,17 @@ class Verifier:
                 self.baseline = compare_outputs(self.reference, self.previous_deploy)
             except OrtFailure as e:
                 logger.warning("deploy-level run of the input model failed: %s", e)
+        self.rows = [next((len(a) for a in s.values() if np.ndim(a)), 1) for s in self.samples]  # batch size of each sample
+        self.reference_accuracy = task_accuracy(self.reference, labels, self.rows) if labels is not None and self.reference else None
+
+    def can_judge_accuracy(self) -> str:
+        """Empty when task accuracy can be checked; else why not (one line)."""
+        if self.labels is None:
+            return "a task-accuracy budget needs labels: give verification inputs (--inputs) an .npz with a 'labels' key"
+        if self.reference_accuracy is None and self.reference:
+            shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in self.reference[0].items())
+            return f"no model output predicts labels of shape {list(np.shape(self.labels))} (outputs: {shapes})"
+        return ""
 
     @property
     def status(self) -> str:
@@ -315,11 +328,20 @@ class Verifier:
             violations += [f"output '{e.output}' (deploy level): {v}" for e in own_deploy for v in e.violations(deploy_tol)]
         elif not lossless:  # no deploy run asked for: the budget falls back to the exact level
             violations += [f"output '{e.output}' (exact level): {v}" for e in exact for v in e.violations(budget)]
+        accuracy = None
+        if self.reference_accuracy is not None:
+            level = "deploy" if self.deploy else "exact"
+            accuracy = task_accuracy(deploy_out if self.deploy else exact_out, self.labels, self.rows)  # type: ignore[arg-type]
+            drop = 100.0 * (self.reference_accuracy.accuracy - accuracy.accuracy) if accuracy else float("inf")
+            if budget.max_accuracy_drop is not None and not lossless and drop > budget.max_accuracy_drop:
+                violations.append(f"output '{self.reference_accuracy.output}' ({level} level): task accuracy "
+                                  f"{accuracy.accuracy if accuracy else float('nan'):.4f} vs {self.reference_accuracy.accuracy:.4f}, "
+                                  f"a drop of {drop:.2f} points > {budget.max_accuracy_drop:g}")  # fmt: skip
         if not violations:
             self.previous = exact_out
             if self.deploy:
                 self.previous_deploy = deploy_out
-        return Check(exact, deploy, vs_previous, violations)
+        return Check(exact, deploy, vs_previous, violations, accuracy=accuracy)
 
 
 
