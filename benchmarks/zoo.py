@@ -389,7 +389,8 @@ its non-zeros plus masks); `latency` ORT CPU time as a ratio to the original (1 
 optimization level, interleaved medians; rows at 1.0 +- 0.05 are noise on this shared machine);
 `sqnr_db`/`cosine` of float outputs vs the original (empty sqnr: bit-exact); `metric` the model's task
 metric (accuracy; minilm: paraphrase retrieval accuracy; ocr_rec: character error rate, lower is
-better; ocr_det: text-pixel IoU; light models have random weights: output SQNR); `delta` vs the
+better; ocr_det: text-pixel IoU; effnet_lite0 (ImageNet-trained): top-1 agreement with the float model on
+photographs; light models have random weights: output SQNR); `delta` vs the
 original; `tool_s`/`rss_mb` wall time and peak RSS (VmHWM) of the tool's own process, which loads
 the model, runs the tool and saves (the `original` row is a worker that only loads and copies it). Budget for the headlines: at most 1 point of task metric
 lost (CER +0.01), 20 dB SQNR for light models.
