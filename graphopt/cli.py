@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt import api, io
+from graphopt import progress as progress_display
 from graphopt.errors import GraphoptError, Interrupted, UnverifiedError, UsageError
 from graphopt.metrics import OutputError, Tolerance
 from graphopt.pipeline import format_pipeline, parse_pipeline, read_pipeline_arg
@@ -188,12 +190,9 @@ def _optimize(args: argparse.Namespace) -> int:
         err.print("[yellow]graphopt: warning: verification is off (--no-verify); nothing proves the output matches the input[/]")
     model = io.load(model_path)  # before the inputs/calibration files, so model errors come first
     show = not (args.quiet or args.json)
-    status = err.status("loading", spinner="dots") if show and err.is_terminal else None
-    progress = (lambda name: status.update(f"running [bold]{name}[/] and verifying it")) if status else None
+    display = progress_display.show(err) if show and err.is_terminal else contextlib.nullcontext(None)
     try:
-        if status:
-            status.start()
-        try:
+        with display as status:
             result, report = api.optimize(
                 model,
                 pipeline,
@@ -207,11 +206,8 @@ def _optimize(args: argparse.Namespace) -> int:
                 verify=not args.no_verify,
                 deploy_check=not args.no_deploy_check,
                 keep_partial=args.keep_partial,
-                progress=progress,
+                progress=(lambda name: status.update(f"running [bold]{name}[/] and verifying it")) if status else None,
             )
-        finally:
-            if status:
-                status.stop()
     except GraphoptError as e:
         partial = getattr(e, "partial", None)
         if args.keep_partial and partial is not None:

@@ -34,6 +34,7 @@ from graphopt.data import Sample
 from graphopt.edit import iter_tensors
 from graphopt.io import EXTERNAL_THRESHOLD
 from graphopt.metrics import OutputError, TaskAccuracy, Tolerance, compare_outputs, task_accuracy
+from graphopt.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def run(model: ir.Model, samples: Sequence[Sample], level: Level) -> list[dict[s
     session = make_session(model, level, arena=False)
     names = [o.name for o in session.get_outputs()]
     outputs = []
-    for sample in samples:
+    for sample in track(samples, f"onnxruntime ({level} level)"):
         feed = {k: np.asarray(v).astype(widened[k]) if k in widened else v for k, v in sample.items()}
         options = ort.RunOptions()
         timer = threading.Timer(_time_limit[0], lambda: setattr(options, "terminate", True)) if _time_limit[0] else None
