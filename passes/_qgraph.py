@@ -143,7 +143,7 @@ def add_node(
 ) -> ir.Value:
     """One new single-output node, tagged as ours (unless ``tagged=False``), inserted before ``before``."""
     out = ir.Value(name=names.fresh(out_base), shape=shape, type=ir.TensorType(dtype) if dtype is not None else None)
-    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out], name=out.name if named else None)
+    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out], name=out.name if named else "")  # "": no name (None gets one made up)
     if tagged:
         node.metadata_props[TAG] = pass_name
     graph.insert_before(before, node)
@@ -186,16 +186,17 @@ def upgrade_opset(model: ir.Model, target: int, samples: Sequence[Sample] | None
 
 
 @functools.lru_cache(maxsize=None)
-def _ort_runs_qdq(opset: int, dtype: ir.DataType, blocked: bool, op: str) -> bool:
+def _ort_runs_qdq(opset: int, dtype: ir.DataType, layout: str, op: str) -> bool:
     """Does this onnxruntime build load a model at ``opset`` holding ``op`` (DequantizeLinear, or a
-    QuantizeLinear -> DequantizeLinear pair) of ``dtype`` (per-axis, or blocked)? One tiny session."""
+    QuantizeLinear -> DequantizeLinear pair) of ``dtype`` with scales per ``layout`` ("tensor",
+    "axis" or "blocked")? One tiny session."""
     import onnxruntime as ort
 
     h, T = onnx.helper, onnx.TensorProto
     elem = int(dtype)
     if op == "DequantizeLinear":
-        attrs = {"axis": 0, "block_size": 16} if blocked else {"axis": 1}
-        scale = h.make_tensor("s", T.FLOAT, [2, 4] if blocked else [4], [0.5] * (8 if blocked else 4))
+        attrs, dims = {"tensor": ({}, []), "axis": ({"axis": 1}, [4]), "blocked": ({"axis": 0, "block_size": 16}, [2, 4])}[layout]
+        scale = h.make_tensor("s", T.FLOAT, dims, [0.5] * int(np.prod(dims)))
         q = h.make_tensor("w", elem, [32, 4], [1] * 128)
         nodes = [h.make_node("DequantizeLinear", ["w", "s"], ["y"], **attrs)]
         inits, inputs = [q, scale], []
@@ -216,7 +217,7 @@ def _ort_runs_qdq(opset: int, dtype: ir.DataType, blocked: bool, op: str) -> boo
     return True
 
 
-def ort_qdq_gap(opset: int, dtype: ir.DataType, *, blocked: bool = False, activations: bool = False) -> tuple[str, int]:
+def ort_qdq_gap(opset: int, dtype: ir.DataType, *, layout: str = "axis", activations: bool = False) -> tuple[str, int]:
     """("", opset) when onnxruntime runs the Q/DQ we would write at ``opset``; else (why not, the
     highest opset <= ``opset`` at which it does, 0 if none).
 
@@ -225,11 +226,12 @@ def ort_qdq_gap(opset: int, dtype: ir.DataType, *, blocked: bool = False, activa
     it, so the passes refuse such models instead of writing nodes ORT can't load.
     """
     op = "QuantizeLinear" if activations else "DequantizeLinear"
-    if _ort_runs_qdq(opset, dtype, blocked, op):
+    layout = "tensor" if activations else layout
+    if _ort_runs_qdq(opset, dtype, layout, op):
         return "", opset
     versions = sorted({s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and s.domain == "" and s.since_version <= opset}, reverse=True)
     since = versions[0] if versions else opset
-    best = next((v for v in versions[1:] if _ort_runs_qdq(v, dtype, blocked, op)), 0)
+    best = next((v for v in versions[1:] if _ort_runs_qdq(v, dtype, layout, op)), 0)
     import onnxruntime as ort
 
-    return f"onnxruntime {ort.__version__} has no {op}-{since} kernel for {dtype.name} (the model's opset {opset}); it runs up to {op}-{best}", best
+    return f"onnxruntime {ort.__version__} has no {op}-{since} kernel for {dtype.name} per {layout} (the model's opset {opset}); it runs up to {op}-{best}", best

@@ -98,7 +98,8 @@ class QuantizeWeights(GraphPass):
                 stats["opset_upgraded_to"] = need
             candidates = self._candidates(model, Counter())  # the graph was rebuilt
         if self.format == "qdq" or self.bits == 8:
-            why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, blocked=self.bits == 4 or self.blocked)
+            layout = "blocked" if self.bits == 4 or self.blocked else ("tensor" if per_tensor or not self.per_channel else "axis")
+            why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, layout=layout)
             if why:
                 logger.warning("%s: %s; nothing quantized", self.name, why)
                 stats["skipped_ort_opset"] += len(candidates)
@@ -202,7 +203,7 @@ class QuantizeWeights(GraphPass):
             record["rounding"] = "mse" if search else "nearest"
             if axis is not None and not block and layer.kind != "gather" and self.per_channel_min_gain > 0:
                 one = quantize_weight(w, qt, axis=None, symmetric=self.symmetric, search=search)
-                gain = sqnr_db(w, qw.dequantized()) - sqnr_db(w, one.dequantized())
+                gain = min(sqnr_db(w, qw.dequantized()), 300.0) - min(sqnr_db(w, one.dequantized()), 300.0)  # both exact: no gain
                 record["per_channel_gain_db"] = round(gain, 2)
                 if gain < self.per_channel_min_gain:
                     qw, axis = one, None
