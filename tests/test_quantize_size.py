@@ -153,3 +153,12 @@ def test_qdq_gap_probe() -> None:
     why, best = ort_qdq_gap(10, ir.DataType.INT8, layout="axis")  # no axis attribute before DequantizeLinear-13
     assert "DequantizeLinear-10" in why and best == 0
     assert ort_qdq_gap(21, ir.DataType.UINT8, activations=True) == ("", 21)
+
+
+def test_breakdown_adds_up_to_the_file(tmp_path) -> None:
+    model = _mlp([RNG.standard_normal((64, 32)).astype(np.float32)], conv=True)
+    QuantizeWeights(symmetric=False)(model)
+    graphopt.save(model, tmp_path / "q.onnx")
+    parts = breakdown(tmp_path / "q.onnx")
+    assert sum(parts.values()) == (tmp_path / "q.onnx").stat().st_size
+    assert parts["quantized weight"] > parts["scale"] > 0 and parts["zero point"] > 0 and parts["bias"] > 0
