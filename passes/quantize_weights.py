@@ -65,7 +65,7 @@ class QuantizeWeights(GraphPass):
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
-    min_elements: int = option(64, "leave weights with fewer elements (4x as many at 4 bits: small first layers are the sensitive ones) in float, and any whose quantized form would not be smaller")
+    min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
     per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
 
     def budget(self, default: Tolerance | None = None) -> Tolerance:
@@ -149,7 +149,7 @@ class QuantizeWeights(GraphPass):
                 stats["skipped_dtype"] += 1
             elif matches(layer.node, self.exclude, layer.weight):
                 stats["excluded"] += 1
-            elif int(np.prod(layer.shape)) < self.min_elements * (4 if self.bits == 4 else 1):
+            elif int(np.prod(layer.shape)) < self.min_elements:
                 stats["too_small"] += 1
             elif not self._saves_bytes(layer):
                 stats["not_smaller"] += 1

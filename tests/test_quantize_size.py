@@ -108,7 +108,7 @@ def test_opset11_conv_gemm_model_is_upgraded() -> None:
     assert [n.op_type for n in model.graph] == ["Conv", "Flatten", "Gemm", "Relu"]
     data = feeds(model)
     reference = outputs(model, data)
-    result = QuantizeWeights()(model)
+    result = QuantizeWeights(min_elements=64)(model)  # the conv has 72 weights
     assert result.stats["opset_upgraded_to"] == 13 and onnx_opset(model) == 13 and result.stats["quantized"] == 2
     assert sorted(dq.attributes.get_int("axis") for dq in _dqs(model)) == [0, 1]  # Conv per output channel, Gemm [K, N] axis 1
     _runs_close(model, data, reference)
