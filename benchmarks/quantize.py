@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from benchmarks import harness
+from benchmarks.qsize import breakdown
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -36,6 +37,7 @@ LATENCY_BATCH = 32
 
 OURS = {
     "graphopt int8 weights": "quantize-weights",
+    "graphopt cleanup+int8 weights": "cleanup,quantize-weights{gather=true}",
     "graphopt int8 weights blocked": "quantize-weights{blocked=true}",
     "graphopt int4 weights": "quantize-weights{bits=4}",
     "graphopt int4 weights gptq": "quantize-weights{bits=4,rounding=gptq}",
@@ -154,6 +156,7 @@ def bench_model(name: str, variants: list[str], tmp: Path, rounds: int) -> list[
         except Exception as e:  # noqa: BLE001
             row["note"] = (row["note"] + "; " if row["note"] else "") + f"ORT cannot run it: {' '.join(str(e).split())[:160]}"
         row["bytes"] = p.stat().st_size
+        row["bytes_by_role"] = breakdown(p)
         row.update(extra.get(v, {}))
         rows.append(row)
     harness.latency_ms(src, feed, min_seconds=0.3)  # warm the machine up before the interleaved rounds
@@ -169,6 +172,30 @@ def bench_model(name: str, variants: list[str], tmp: Path, rounds: int) -> list[
             row["latency_ratio"] = round(latency[row["variant"]] / latency["float"], 3)
         row["accuracy_delta_points"] = round(100 * (row.get("accuracy", np.nan) - rows[0]["accuracy"]), 2) if "accuracy" in row else None
     return rows
+
+
+ROLE_GROUPS = {
+    "int weights": ("quantized weight",),
+    "scales+zero points": ("scale", "zero point"),
+    "float weights left": ("float weight", "float weight (small)", "embedding table", "other float constants", "float into Q"),
+    "bias+norm": ("bias", "norm params"),
+    "graph (nodes, names, shapes, metadata)": ("nodes", "small / shape constants", "value_info", "graph inputs/outputs", "graph name/doc", "model header/metadata"),
+}
+
+
+def bytes_table(rows: list[dict[str, Any]]) -> str:
+    """Where each file's bytes go (benchmarks/qsize.py roles, grouped), as fractions of the float file."""
+    out = []
+    base = {r["model"]: r["bytes"] for r in rows if r["variant"] == "float"}
+    for r in rows:
+        parts = r.get("bytes_by_role")
+        if not parts or r["model"] not in base:
+            continue
+        rec = {"model": r["model"], "variant": r["variant"], "size_ratio": r.get("size_ratio")}
+        for group, roles in ROLE_GROUPS.items():
+            rec[group] = round(sum(parts.get(k, 0) for k in roles) / base[r["model"]], 4)
+        out.append(rec)
+    return "Bytes by role, as a fraction of the float file (python -m benchmarks.qsize FILE for the detail):\n\n" + harness.markdown_table(out, ["model", "variant", "size_ratio", *ROLE_GROUPS])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -207,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             rows += bench_model(m, variants, Path(tmp), rounds=1 if args.quick else 5)
     columns = ["model", "variant", "bytes", "size_ratio", "latency_ratio", "sqnr_db", "cosine", "accuracy", "accuracy_delta_points", "note"]
-    table = harness.markdown_table(rows, columns)
+    table = harness.markdown_table(rows, columns) + "\n\n" + bytes_table(rows)
     print(table)
     if not args.quick:
         machine = harness.machine()

@@ -13,7 +13,9 @@ check passes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -36,11 +38,34 @@ def has_marked(model: ir.Model) -> bool:
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """``ir.to_proto`` plus COO for the marked main-graph initializers (where COO is smaller)."""
-    proto = ir.to_proto(model)
+    with initializer_types_hidden(model):
+        proto = ir.to_proto(model)
     marked = {v.name for v in model.graph.initializers.values() if is_marked(v)}
     if marked:
         sparsify(proto.graph, marked)
     return proto
+
+
+@contextlib.contextmanager
+def initializer_types_hidden(model: ir.Model) -> Iterator[None]:
+    """While serializing, leave out the ``value_info`` that ``ir.to_proto`` writes for every
+    initializer (about 30 bytes each): the tensor already carries its element type and dims. Only
+    values whose type and shape are exactly the tensor's (and that carry no doc string or metadata)
+    are affected; everything is restored on exit."""
+    hidden: list[tuple[ir.Value, ir.TypeProtocol | None, ir.Shape | None]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                t = value.const_value
+                if t is None or value.is_graph_input() or value.doc_string or value.metadata_props:
+                    continue
+                if value.type == ir.TensorType(t.dtype) and value.shape is not None and tuple(value.shape) == tuple(t.shape):
+                    hidden.append((value, value.type, value.shape))
+                    value.type, value.shape = None, None
+        yield
+    finally:
+        for value, type_, shape in hidden:
+            value.type, value.shape = type_, shape
 
 
 def coo(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
@@ -130,8 +155,10 @@ def _graphs(graph: onnx.GraphProto, is_main: bool):  # type: ignore[no-untyped-d
 
 
 def save(model: ir.Model, path: str) -> None:
-    """``ir.save`` for a model without external data, writing marked initializers as COO."""
+    """``ir.save`` for a model without external data, writing marked initializers as COO (and
+    without ``ir.to_proto``'s value_info copies of initializer types)."""
     if has_marked(model):
         onnx.save_model(to_proto(model), path)
     else:
-        ir.save(model, path)
+        with initializer_types_hidden(model):
+            ir.save(model, path)

@@ -9,8 +9,9 @@ with onnx's version converter, verified with onnxruntime before it is accepted.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -93,29 +94,58 @@ def fold_transposed_weights(model: ir.Model, names: NameSet, ops: Sequence[str] 
     return folded
 
 
-def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: str, names: NameSet, pass_name: str, *, with_zero_point: bool = True) -> ir.Value:
-    """Initializers for ``qw`` and a DequantizeLinear reading them, inserted before ``before``; returns its output."""
-    q = add_initializer(graph, ir.Tensor(np.require(qw.q, requirements="C"), dtype=qw.qt.dtype), base + "_quantized", names)
-    scale = add_initializer(graph, np.require(qw.scale, dtype=np.float32, requirements="C"), base + "_scale", names)  # 0-d stays 0-d
+def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: str, names: NameSet, pass_name: str, *, with_zero_point: bool | None = None) -> ir.Value:
+    """Initializers for ``qw`` and a DequantizeLinear reading them, inserted before ``before``; returns its output.
+
+    Kept small on disk: names are ``<base>_q``, ``_s``, ``_zp`` and ``_dq``, the node has no name of
+    its own and no tag (a quantized model is recognized by its ops, :func:`is_quantized`), and the
+    zero point (``with_zero_point=None``) is left out when it is all zeros of a signed type: a
+    DequantizeLinear without one uses 0 of the input's type, the same result. ``True`` always
+    writes it (some ORT fusions want it), ``False`` never (the caller knows it is the default).
+    """
+    q = add_initializer(graph, ir.Tensor(np.require(qw.q, requirements="C"), dtype=qw.qt.dtype), base + "_q", names)
+    scale = add_initializer(graph, np.require(qw.scale, dtype=np.float32, requirements="C"), base + "_s", names)  # 0-d stays 0-d
     inputs = [q, scale]
+    if with_zero_point is None:
+        with_zero_point = not (qw.qt.signed and not np.any(np.asarray(qw.zero_point)))
     if with_zero_point:
-        inputs.append(add_initializer(graph, ir.Tensor(np.require(qw.zero_point, requirements="C"), dtype=qw.qt.dtype), base + "_zero_point", names))
+        inputs.append(add_initializer(graph, ir.Tensor(np.require(qw.zero_point, requirements="C"), dtype=qw.qt.dtype), base + "_zp", names))
     attributes = {}
     if qw.axis is not None and qw.scale.ndim > 0:
         attributes["axis"] = qw.axis
     if qw.block_size:
         attributes["block_size"] = qw.block_size
-    return add_node(graph, before, "DequantizeLinear", inputs, attributes, base + "_dequantized", names, pass_name, dtype=None)
+    return add_node(graph, before, "DequantizeLinear", inputs, attributes, base + "_dq", names, pass_name, dtype=None, named=False, tagged=False)
+
+
+def share_initializers(graph: ir.Graph, values: Iterable[ir.Value], max_bytes: int = 4096) -> int:
+    """Make the readers of identical small initializers among ``values`` (same type, shape and
+    bytes: scales, zero points) read one of them, and drop the others. Returns how many were dropped."""
+    first: dict[tuple, ir.Value] = {}
+    dropped = 0
+    for v in values:
+        t = v.const_value
+        if t is None or v.name not in graph.initializers or v.is_graph_input() or v.is_graph_output() or t.nbytes > max_bytes:
+            continue
+        key = (t.dtype, tuple(t.shape), t.tobytes())
+        keep = first.setdefault(key, v)
+        if keep is v:
+            continue
+        v.replace_all_uses_with(keep)
+        drop_if_unused(v)
+        dropped += 1
+    return dropped
 
 
 def add_node(
     graph: ir.Graph, before: ir.Node, op: str, inputs: Sequence[ir.Value | None], attributes: dict, out_base: str, names: NameSet, pass_name: str,
-    shape: ir.Shape | None = None, domain: str = "", dtype: ir.DataType | None = ir.DataType.FLOAT,
+    shape: ir.Shape | None = None, domain: str = "", dtype: ir.DataType | None = ir.DataType.FLOAT, named: bool = True, tagged: bool = True,
 ) -> ir.Value:
-    """One new single-output node, tagged as ours, inserted before ``before``."""
+    """One new single-output node, tagged as ours (unless ``tagged=False``), inserted before ``before``."""
     out = ir.Value(name=names.fresh(out_base), shape=shape, type=ir.TensorType(dtype) if dtype is not None else None)
-    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out], name=out.name)
-    node.metadata_props[TAG] = pass_name
+    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()], outputs=[out], name=out.name if named else "")  # "": no name (None gets one made up)
+    if tagged:
+        node.metadata_props[TAG] = pass_name
     graph.insert_before(before, node)
     return out
 
@@ -153,3 +183,55 @@ def upgrade_opset(model: ir.Model, target: int, samples: Sequence[Sample] | None
     model.ir_version = new.ir_version
     logger.info("upgraded opset %d -> %d", current, target)
     return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_runs_qdq(opset: int, dtype: ir.DataType, layout: str, op: str) -> bool:
+    """Does this onnxruntime build load a model at ``opset`` holding ``op`` (DequantizeLinear, or a
+    QuantizeLinear -> DequantizeLinear pair) of ``dtype`` with scales per ``layout`` ("tensor",
+    "axis" or "blocked")? One tiny session."""
+    import onnxruntime as ort
+
+    h, T = onnx.helper, onnx.TensorProto
+    elem = int(dtype)
+    if op == "DequantizeLinear":
+        attrs, dims = {"tensor": ({}, []), "axis": ({"axis": 1}, [4]), "blocked": ({"axis": 0, "block_size": 16}, [2, 4])}[layout]
+        scale = h.make_tensor("s", T.FLOAT, dims, [0.5] * int(np.prod(dims)))
+        q = h.make_tensor("w", elem, [32, 4], [1] * 128)
+        nodes = [h.make_node("DequantizeLinear", ["w", "s"], ["y"], **attrs)]
+        inits, inputs = [q, scale], []
+    else:
+        inits = [h.make_tensor("s", T.FLOAT, [], [0.5]), h.make_tensor("z", elem, [], [0])]
+        nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), h.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        inputs = [h.make_tensor_value_info("x", T.FLOAT, [32, 4])]
+    graph = h.make_graph(nodes, "probe", inputs, [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (NOT_IMPLEMENTED: no kernel for this op version)
+        return False
+    return True
+
+
+def ort_qdq_gap(opset: int, dtype: ir.DataType, *, layout: str = "axis", activations: bool = False) -> tuple[str, int]:
+    """("", opset) when onnxruntime runs the Q/DQ we would write at ``opset``; else (why not, the
+    highest opset <= ``opset`` at which it does, 0 if none).
+
+    onnx defines QuantizeLinear/DequantizeLinear versions (e.g. 28 in onnx 1.23) that an older
+    onnxruntime has no kernel for; a model's default-domain opset fixes the version of every op in
+    it, so the passes refuse such models instead of writing nodes ORT can't load.
+    """
+    op = "QuantizeLinear" if activations else "DequantizeLinear"
+    layout = "tensor" if activations else layout
+    if _ort_runs_qdq(opset, dtype, layout, op):
+        return "", opset
+    versions = sorted({s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and s.domain == "" and s.since_version <= opset}, reverse=True)
+    since = versions[0] if versions else opset
+    best = next((v for v in versions[1:] if _ort_runs_qdq(v, dtype, layout, op)), 0)
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} has no {op}-{since} kernel for {dtype.name} per {layout} (the model's opset {opset}); it runs up to {op}-{best}", best

@@ -30,7 +30,7 @@ from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._gptq import gptq
-from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, upgrade_opset
+from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class QuantizeWeights(GraphPass):
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
-    min_elements: int = option(256, "leave weights with fewer elements in float")
+    min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
+    per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
 
     def budget(self, default: Tolerance | None = None) -> Tolerance:
         own = self.tolerance if self.bits == 8 else TOLERANCE_4BIT
@@ -96,13 +97,26 @@ class QuantizeWeights(GraphPass):
             else:
                 stats["opset_upgraded_to"] = need
             candidates = self._candidates(model, Counter())  # the graph was rebuilt
+        if self.format == "qdq" or self.bits == 8:
+            layout = "blocked" if self.bits == 4 or self.blocked else ("tensor" if per_tensor or not self.per_channel else "axis")
+            why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, layout=layout)
+            if why:
+                logger.warning("%s: %s; nothing quantized", self.name, why)
+                stats["skipped_ort_opset"] += len(candidates)
+                stats["ort_qdq_max_opset"] = best
+                return self._result(model, stats, [])
         activations = self._activations(model, candidates)
         names = NameSet(model)
         layers: list[dict[str, Any]] = []
+        made: list[ir.Value] = []
         for layer in candidates:
-            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""))
+            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made)
             stats[record["choice"]] += 1
+            if record.get("scales") == "per-tensor":
+                stats["per_tensor_scale"] += 1
             layers.append(record)
+        for graph in {id(v.graph): v.graph for v in made if v.graph is not None}.values():
+            stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return self._result(model, stats, layers)
 
     def _check_options(self) -> None:
@@ -137,6 +151,8 @@ class QuantizeWeights(GraphPass):
                 stats["excluded"] += 1
             elif int(np.prod(layer.shape)) < self.min_elements:
                 stats["too_small"] += 1
+            elif not self._saves_bytes(layer):
+                stats["not_smaller"] += 1
             elif layer.weight.is_graph_output() or layer.weight.is_graph_input():
                 stats["skipped_shared"] += 1
             else:
@@ -150,13 +166,21 @@ class QuantizeWeights(GraphPass):
             out.extend(_gather_tables(model, self.exclude, self.min_elements))
         return out
 
+    def _saves_bytes(self, layer: LinearLayer) -> bool:
+        """Would the quantized weight, its scales and a DequantizeLinear node take fewer bytes than the float weight?"""
+        n = int(np.prod(layer.shape))
+        groups = n // self.block_size if (self.bits == 4 or self.blocked) else layer.shape[layer.output_axis]
+        name = len(layer.weight.name or "w")
+        overhead = 3 * name + 60 + 4 * max(groups, 1)  # names (+_q, _s, _dq), node and tensor headers, scales
+        return n * self.bits // 8 + overhead < n * 4
+
     def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
         if self.rounding != "gptq" or self.calibration is None:
             return {}
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
         return capture(model, self.calibration.samples, wanted)
 
-    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None) -> dict[str, Any]:
+    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value]) -> dict[str, Any]:
         node, w = layer.node, layer.tensor.numpy()
         record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
         if layer.kind == "gemm" and (self.bits == 4 or self.blocked) and node.attributes.get_int("transA", 0) == 0:
@@ -177,6 +201,13 @@ class QuantizeWeights(GraphPass):
         else:
             qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)
             record["rounding"] = "mse" if search else "nearest"
+            if axis is not None and not block and layer.kind != "gather" and self.per_channel_min_gain > 0:
+                one = quantize_weight(w, qt, axis=None, symmetric=self.symmetric, search=search)
+                gain = min(sqnr_db(w, qw.dequantized()), 300.0) - min(sqnr_db(w, one.dequantized()), 300.0)  # both exact: no gain
+                record["per_channel_gain_db"] = round(gain, 2)
+                if gain < self.per_channel_min_gain:
+                    qw, axis = one, None
+        record["scales"] = "per-tensor" if qw.scale.ndim == 0 or axis is None else ("blocked" if block else "per-channel")
         record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
         graph = node.graph
         assert graph is not None
@@ -186,8 +217,9 @@ class QuantizeWeights(GraphPass):
             _to_matmulnbits(layer, qw, names, self.name)
             record["format"] = "MatMulNBits"
         else:
-            zp = not (self.symmetric and signed)
-            node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, base, names, self.name, with_zero_point=zp))
+            dq = add_dequantize(graph, node, qw, base, names, self.name)
+            node.replace_input_with(layer.weight_index, dq)
+            made.extend(v for v in dq.producer().inputs[1:] if v is not None)
             record["format"] = "DequantizeLinear"
         drop_if_unused(old)
         record["bytes_before"], record["bytes_after"] = int(w.size * 4), _bytes(qw)

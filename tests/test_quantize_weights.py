@@ -200,7 +200,10 @@ def test_transposed_constant_weight_is_folded_and_quantized() -> None:
 
 def test_leaves_alone_small_excluded_shared_and_quantized() -> None:
     small = _model("MatMul", k=8, n=8)
-    assert not QuantizeWeights()(small).modified
+    result = QuantizeWeights()(small)
+    assert not result.modified and result.stats == {"too_small": 1}
+    result = QuantizeWeights(min_elements=0)(_model("MatMul", k=2, n=16))  # 32 int8 + 16 scales + a node: not smaller than 128 bytes
+    assert not result.modified and result.stats == {"not_smaller": 1}
     excluded = _model("MatMul")
     result = QuantizeWeights(exclude=["lay*"])(excluded)
     assert not result.modified and result.stats == {"excluded": 1}
