@@ -34,7 +34,7 @@ from graphopt.registry import OpTable, register
 logger = logging.getLogger(__name__)
 
 PRESETS = {
-    "cleanup": "repeat{n=4}(remove-dropout,remove-identity,fold-constants,cse,merge-reshapes,fold-conv-bias,fold-batchnorm,fuse-gemm,dce)",
+    "cleanup": "repeat{n=4}(remove-dropout,remove-identity,fold-constants,cse,merge-reshapes,fold-conv-bias,fold-conv-scale,fold-batchnorm,fuse-gemm,dce)",
 }
 """``cleanup``: everything lossless (plus bias and BatchNorm folding, within their stated tolerance) to a fixed point.
 fold-constants also lifts every Constant node into an initializer (lift-constants only lifts big ones)."""
