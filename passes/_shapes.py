@@ -5,7 +5,7 @@ entry of such a 1-D integer value is a known int, a symbolic dimension or unknow
 is a name: the ``dim_param`` onnx's shape inference gives the dimension (the same name is the same
 size, as the inference propagates it), or, for a dimension without one, ``#<n>:<i>``: dimension
 ``i`` of the ``n``-th tensor seen, equal to nothing else. A ``dim_param`` that two graph inputs
-share is not trusted (nothing makes a caller keep them equal): those dimensions get ``#`` names too.
+two input dimensions share is not trusted (nothing makes a caller keep them equal): those get ``#`` names too.
 Each entry also remembers its origin (tensor, index) while it is one, so a chain that only copies
 dimensions of one tensor can become a single ``Shape`` (see :meth:`ShapeValues.shape_of`).
 
@@ -59,13 +59,12 @@ class ShapeValues:
         self.known: dict[ir.Value, Tracked] = {}
         self.ids: dict[ir.Value, int] = {}
         self.untrusted: set[str] = set()
-        if graph is not None:  # dim_params two graph inputs share: a caller may still feed different sizes
-            seen: dict[str, ir.Value] = {}
+        if graph is not None:  # a dim_param on two input dims: a caller may still feed different sizes
+            seen: set[str] = set()
             for v in graph.inputs:
                 for d in v.shape or ():
                     if isinstance(d, ir.SymbolicDim) and d.value:
-                        if seen.setdefault(d.value, v) is not v:
-                            self.untrusted.add(d.value)
+                        (self.untrusted if d.value in seen else seen).add(d.value)
 
     def get(self, value: ir.Value | None) -> Tracked | None:
         if value is None:

@@ -201,3 +201,14 @@ def test_reshape_chain_merges_unless_the_outer_copies_a_middle_dim() -> None:
         a = Reshape(x, s1)  y = Reshape(a, s2)  b = Reshape(x, s2)  z = Reshape(b, s3) }"""
     model, stats = cleanup(text, SIZES, ("merge-reshapes", "dce"))
     assert stats["merged_reshape"] == 1 and ops(model).count("Reshape") == 3
+
+
+def test_two_dims_of_one_input_sharing_a_dim_param_are_not_trusted() -> None:
+    """x[N,N]: a caller may feed [2,3]; Reshape(x, [dim1, -1]) must not become [0, -1]."""
+    text = """<ir_version: 8, opset_import: ["" : 17]> g (float[N,N] x) => (float[?,?] z) {
+        s = Shape(x)  st = Constant<value=int64[1] {1}>()  en = Constant<value=int64[1] {2}>()  d = Slice(s, st, en)
+        m = Constant<value=int64[1] {-1}>()  t = Concat<axis=0>(d, m)  z = Reshape(x, t) }"""
+    model, _ = cleanup(text, [{"N": 2}, {"N": 4}])
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    assert reshape.inputs[1].const_value is None
+    assert outputs(model, [{"x": np.ones((2, 3), np.float32)}])[0]["z"].shape == (3, 2)
