@@ -25,9 +25,9 @@ import onnx.helper
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphopt.edit import NameSet, drop_if_unused, is_onnx_op
+from graphopt.edit import NameSet, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.passbase import GraphPass, PassResult, option
-from graphopt.passes._shapes import ShapeValues
+from graphopt.passes._shapes import SHAPE_OPS, ShapeValues
 from graphopt.passes._util import const_array, inferred_shapes, legacy_constants, new_constant
 from graphopt.registry import register
 
@@ -85,12 +85,16 @@ class FoldConstants(GraphPass):
         stats: Counter[str] = Counter()
         names = NameSet(model)
         legacy = legacy_constants(model)
-        with inferred_shapes(model) if self.shapes else contextlib.nullcontext():
-            for graph in list(model.graphs()):
-                _fold_graph(self, model, graph, names, legacy, stats)
+        for _ in range(8):  # a Reshape target made constant lets shape inference see further: go again
+            before = stats["reshape_shape"]
+            with inferred_shapes(model) if self.shapes else contextlib.nullcontext():
+                for graph in list(model.graphs()):
+                    _fold_graph(self, model, graph, names, legacy, stats)
+            if stats["reshape_shape"] == before:
+                break
         stats = Counter({k: v for k, v in stats.items() if v})
         logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=bool(stats["folded"] + stats["lifted"] + stats["reshape_shape"]), stats=dict(stats))
+        return PassResult(model, modified=bool(stats["folded"] + stats["lifted"] + stats["reshape_shape"] + stats["shape_reused"] + stats["shape_rewritten"]), stats=dict(stats))
 
 
 def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameSet, legacy: bool, stats: Counter[str]) -> None:
@@ -102,7 +106,9 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
             return virtual[v].array
         return const_array(v, legacy)
 
-    shapes = ShapeValues(array_of)
+    shapes = ShapeValues(array_of, graph)
+    seen: dict[tuple, ir.Value] = {}
+    opset = onnx_opset(model)
     for node in list(graph):
         if p.shapes:
             shapes.track(node)
@@ -110,6 +116,7 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
                 old = node.inputs[1]
                 node.replace_input_with(1, new_constant(graph, target, (old.name if old is not None else None) or "shape", names, as_node=legacy, before=node))
                 stats["reshape_shape"] += 1
+            _reuse_shape(node, shapes, seen, opset, names, stats)
         result = _try_node(p, model, node, array_of, shapes, virtual, legacy, stats)
         if result is None:
             continue
@@ -176,6 +183,33 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
         stats["lifted" if is_onnx_op(node, "Constant") else "folded"] += 1
         for i in inputs:
             drop_if_unused(i)
+
+
+def _reuse_shape(node: ir.Node, shapes: ShapeValues, seen: dict[tuple, ir.Value], opset: int, names: NameSet, stats: Counter[str]) -> None:
+    """Read an earlier value with the same (symbolic) entries, or compute a chain that copies dims of one tensor as one Shape."""
+    out = node.outputs[0] if len(node.outputs) == 1 else None
+    key = shapes.key(out) if out is not None else None
+    if key is None or out.is_graph_output():  # type: ignore[union-attr]
+        return
+    assert out is not None
+    first = seen.setdefault(key, out)
+    if first is not out:
+        if out.uses():
+            out.replace_all_uses_with(first)
+            stats["shape_reused"] += 1
+        return
+    sink = any(u.node.op_type not in SHAPE_OPS or u.node.domain not in ("", "ai.onnx") for u in out.uses())  # else its users get rewritten
+    src = shapes.shape_of(out, opset) if not is_onnx_op(node, "Shape") and sink else None
+    if src is None:
+        return
+    x, start, end = src
+    attrs = {} if (start, end) == (0, len(x.shape or ())) else {"start": start, "end": end}
+    new = ir.node("Shape", [x], attributes=attrs, outputs=[ir.Value(name=names.fresh(out.name or "shape"), type=ir.TensorType(ir.DataType.INT64))])
+    node.graph.insert_before(node, new)  # type: ignore[union-attr]
+    out.replace_all_uses_with(new.outputs[0])
+    shapes.known[new.outputs[0]] = shapes.known[out]
+    seen[key] = new.outputs[0]
+    stats["shape_rewritten"] += 1
 
 
 def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, stats) -> list[_Folded] | None:

@@ -34,9 +34,9 @@ from graphopt.registry import OpTable, register
 logger = logging.getLogger(__name__)
 
 PRESETS = {
-    "cleanup": "repeat{n=4}(remove-dropout,remove-identity,fold-constants,fold-pad-into-conv,fold-conv-bias,fold-batchnorm,dce)",
+    "cleanup": "repeat{n=4}(remove-dropout,remove-identity,fold-constants,cse,merge-reshapes,fold-pad-into-conv,fold-conv-bias,fold-conv-scale,fold-batchnorm,fuse-gemm,dce)",
 }
-"""``cleanup``: everything lossless (plus bias and BatchNorm folding, within their stated tolerance) to a fixed point.
+"""``cleanup``: everything lossless (plus bias/scale/BatchNorm folding and MatMul+Add -> Gemm, within their stated tolerance) to a fixed point.
 fold-constants also lifts every Constant node into an initializer (lift-constants only lifts big ones)."""
 
 # ---------------------------------------------------------------------------------------------

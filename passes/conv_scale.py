@@ -1,0 +1,82 @@
+"""Fold a per-channel constant Mul after Conv into the convolution's weights and bias.
+
+Paddle exports write ``Conv(x, W, b)`` followed by ``Mul(·, s[1, C, 1, 1])`` (a scale the exporter did
+not fold). ``Conv(x, W·s, b·s)`` computes the same up to rounding: each product ``w·x`` is scaled
+before the sum instead of after it, so the outputs move by a few ulps. Hence fold-batchnorm's
+stated tolerance. ConvTranspose (whose output channels are split across groups in the weight's
+second axis) is left alone, as are scales that are not per output channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.edit import NameSet, bypass, drop_if_unused
+from graphopt.passbase import GraphPass, PassResult
+from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input
+from graphopt.passes.batchnorm import FoldBatchnorm
+from graphopt.passes.conv_bias import _per_channel
+from graphopt.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@register
+@dataclasses.dataclass
+class FoldConvScale(GraphPass):
+    """Fold Mul by a per-output-channel constant after Conv into the convolution's weights and bias."""
+
+    name = "fold-conv-scale"
+    lossless = False
+    tolerance = FoldBatchnorm.tolerance
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats: Counter[str] = Counter()
+        legacy = legacy_constants(model)
+        names = NameSet(model)
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if node.graph is not None and is_std(node, "Mul") and len(node.inputs) == 2:
+                stats[_fold(node, legacy, names)] += 1
+        stats.pop("not_after_conv", None)
+        logger.debug("%s: %s", self.name, dict(stats))
+        return PassResult(model, modified=stats["folded"] > 0, stats={k: v for k, v in stats.items() if v})
+
+
+def _fold(mul: ir.Node, legacy: bool, names: NameSet) -> str:
+    for side in (0, 1):
+        conv_out, other = mul.inputs[side], mul.inputs[1 - side]
+        conv = conv_out.producer() if conv_out is not None else None
+        if conv is not None and is_std(conv, "Conv") and conv.graph is mul.graph:
+            break
+    else:
+        return "not_after_conv"
+    assert conv_out is not None
+    if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+        return "conv_output_shared"
+    scale, weight = const_array(other, legacy), const_array(conv.inputs[1], legacy)
+    if scale is None or weight is None:
+        return "not_constant"
+    if scale.dtype != weight.dtype or weight.dtype not in (np.float32, np.float64):
+        return "skipped_dtype"
+    per_channel = _per_channel(scale, out_rank=weight.ndim, channels=weight.shape[0])
+    if per_channel is None:
+        return "not_per_channel"
+    old_bias = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = const_array(old_bias, legacy) if old_bias is not None else None
+    if old_bias is not None and bias is None:
+        return "bias_not_constant"
+    shaped = per_channel.reshape((-1,) + (1,) * (weight.ndim - 1))
+    replace_input(conv, 1, (weight * shaped).astype(weight.dtype), names, as_node=legacy)
+    if bias is not None:
+        replace_input(conv, 2, (bias.reshape(-1) * per_channel).astype(weight.dtype), names, as_node=legacy)
+    if not bypass(mul, 0, conv_out):
+        return "output_name_kept"  # pragma: no cover - conv_out is a plain intermediate here
+    mul.graph.remove(mul, safe=True)  # type: ignore[union-attr]
+    if other is not None:
+        drop_if_unused(other)
+    return "folded"
