@@ -327,7 +327,7 @@ def _passes(args: argparse.Namespace) -> int:
     budget = {"budget-max-abs", "budget-min-sqnr", "budget-min-cosine", "budget-max-accuracy-drop"}
     for name, cls in passes.items():
         opts = "\n".join(f"{o.name}: {o.type} = {_fmt_default(o.default)}  [dim]{o.doc}[/]" for o in describe(cls) if o.name not in budget)
-        kind = "lossless" if cls.lossless else f"lossy ({cls.tolerance})"
+        kind = "lossless" if cls.lossless else f"lossy ({cls.tolerance}{', own change' if cls.stepwise else ''})"
         t.add_row(name, kind, cls.summary(), opts or "-")
     out.print(t)
     out.print("Every pass also takes budget-max-abs, budget-min-sqnr, budget-min-cosine and budget-max-accuracy-drop (points of task accuracy "

@@ -59,6 +59,10 @@ class GraphPass(ir.passes.InPlacePass):
     tolerance: ClassVar[Tolerance] = Tolerance.exact()
     uses_data: ClassVar[bool] = False
     """True when the pass reads ``self.calibration`` (data-aware modes)."""
+    stepwise: ClassVar[bool] = False
+    """For a lossy pass: its budget bounds its own change (compared with the previous step at the same
+    ORT level, as a lossless pass is) instead of the distance to the input model. For float-rounding
+    folds, whose budget is a noise floor: earlier lossy passes' error and ORT's fusion noise aren't theirs."""
 
     budget_max_abs: float | None = option(None, "verification budget: max abs error (overrides the pass default)")
     budget_min_sqnr: float | None = option(None, "verification budget: SQNR floor in dB")

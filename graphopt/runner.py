@@ -123,7 +123,7 @@ def _run_checked(
         record.verdict = "not-verified"
         return model
     start = time.perf_counter()
-    check = verifier.check(model, lossless=p.lossless, budget=budget)
+    check = verifier.check(model, lossless=p.lossless, budget=budget, stepwise=p.stepwise)
     record.verify_seconds = time.perf_counter() - start
     record.exact, record.deploy, record.vs_previous = check.exact, check.deploy, check.vs_previous
     record.violations, record.unverified = check.violations, check.unverified

@@ -294,7 +294,10 @@ class Verifier:
             return model
         return keep_outputs(model, [v.name for v in model.graph.outputs if v.name not in self.unchecked])
 
-    def check(self, model: ir.Model, *, lossless: bool, budget: Tolerance) -> Check:
+    def check(self, model: ir.Model, *, lossless: bool, budget: Tolerance, stepwise: bool = False) -> Check:
+        """Run ``model`` and hold it to ``budget``: a lossless or ``stepwise`` pass on its own change
+        (against the last accepted step, at each level), any other lossy pass on the distance to
+        the input model at the deploy level."""
         if self.unavailable:
             return Check([], None, [], [], unverified=self.unavailable)
         model = self.checkable(model)
@@ -302,9 +305,10 @@ class Verifier:
             exact_out = run(model, self.samples, "exact")
         except OrtFailure as e:  # the input model ran, so the pass broke that: a violation, never "unverified"
             return Check([], None, [], [f"onnxruntime cannot run the model any more: {e}"])
-        exact_tol = budget if lossless else None
+        own = lossless or stepwise
+        exact_tol = budget if own else None
         exact = compare_outputs(self.reference, exact_out, exact_tol)
-        # A lossless pass answers for its own change: against the last accepted outputs (the reference
+        # A pass judged on its own change answers against the last accepted outputs (the reference
         # itself unless a lossy pass ran before), so `lossy,dce` doesn't hold dce to the lossy pass's error.
         vs_previous = compare_outputs(self.previous, exact_out, exact_tol)
         deploy = None
@@ -316,18 +320,18 @@ class Verifier:
             except OrtFailure as e:
                 return Check(exact, None, vs_previous, [f"deploy-level session fails: {e}"])
             deploy = compare_outputs(self.reference, deploy_out, deploy_tol)
-            # At the deploy level a lossless pass is compared with the previous model *at the same level*:
+            # At the deploy level such a pass is compared with the previous model *at the same level*:
             # ORT's fusions (e.g. DequantizeLinear->MatMul into MatMulNBits) move deploy outputs away from
             # the exact ones by themselves, and that is not this pass's doing.
             own_deploy = deploy
-            if lossless:
+            if own:
                 own_deploy = compare_outputs(self.previous_deploy or self.previous, deploy_out, deploy_tol)
         violations = []
-        if lossless:
+        if own:
             violations += [f"output '{e.output}' (exact level): {v}" for e in vs_previous for v in e.violations(budget)]
         if own_deploy is not None:
             violations += [f"output '{e.output}' (deploy level): {v}" for e in own_deploy for v in e.violations(deploy_tol)]
-        elif not lossless:  # no deploy run asked for: the budget falls back to the exact level
+        elif not own:  # no deploy run asked for: the budget falls back to the exact level
             violations += [f"output '{e.output}' (exact level): {v}" for e in exact for v in e.violations(budget)]
         accuracy = None
         if self.reference_accuracy is not None:

@@ -32,8 +32,13 @@ class FoldBatchnorm(GraphPass):
 
     name = "fold-batchnorm"
     lossless = False
-    tolerance = Tolerance(max_abs=1e-5, max_rel=1e-4)
-    """Measured: float32 rounding of the folded weights moves outputs by a few ulp (see tests)."""
+    stepwise = True
+    tolerance = Tolerance(min_sqnr_db=80.0)
+    """Float rounding of the folded weights, judged on this pass's own change at both ORT levels.
+    An elementwise bound (first tried: 1e-5 + 1e-4*|ref|) doesn't hold through deep nets: on the
+    PP-OCR recognizer folding moves a softmax output by 1e-4 (rel 5e-3), as onnxruntime's own
+    Conv+BatchNormalization fusion does (its default level moves that model by 7e-5, 108 dB).
+    80 dB is the same noise floor a lossless pass is allowed at the deploy level."""
     matmul: bool = option(True, "also fold into a rank-2 MatMul, which becomes a Gemm with the BN shift as bias")
     max_fill_elements: int = option(1024, "read a ConstantOfShape weight or BN parameter of up to this size as a constant")
 

@@ -31,6 +31,7 @@ class FoldConvBias(GraphPass):
 
     name = "fold-conv-bias"
     lossless = False
+    stepwise = True
     tolerance = FoldBatchnorm.tolerance
 
     def call(self, model: ir.Model) -> PassResult:

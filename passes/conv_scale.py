@@ -33,6 +33,7 @@ class FoldConvScale(GraphPass):
 
     name = "fold-conv-scale"
     lossless = False
+    stepwise = True
     tolerance = FoldBatchnorm.tolerance
 
     def call(self, model: ir.Model) -> PassResult:

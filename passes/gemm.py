@@ -38,6 +38,7 @@ class FuseGemm(GraphPass):
 
     name = "fuse-gemm"
     lossless = False
+    stepwise = True
     tolerance = FoldBatchnorm.tolerance
 
     def call(self, model: ir.Model) -> PassResult:

@@ -51,6 +51,16 @@ class Nudge(ScaleWeights):
 
 
 @dataclasses.dataclass
+class Round(ScaleWeights):
+    """Test pass standing for a float-rounding fold: a tiny change judged on its own (stepwise)."""
+
+    name = "round"
+    stepwise = True
+    tolerance = Tolerance(min_sqnr_db=80.0)
+    factor: float = option(1.0000001, "scale")
+
+
+@dataclasses.dataclass
 class RenameOutput(GraphPass):
     """Test pass that breaks the signature."""
 
@@ -88,6 +98,16 @@ def test_global_tolerance_applies_to_lossy_passes_only() -> None:
     assert report.records[0].verdict == "ok"
     with pytest.raises(VerificationError, match="pass 'nudge'"):
         graphopt.optimize(from_text(MLP), [Nudge(factor=1.0001)], tolerance=Tolerance(min_sqnr_db=5.0))
+
+
+def test_stepwise_pass_is_judged_on_its_own_change() -> None:
+    """After a 40 dB lossy pass, a fold with an 80 dB noise-floor budget is held to its own change,
+    not to the distance to the input model (which only the lossy pass answers for)."""
+    _, report = graphopt.optimize(from_text(MLP), [ScaleWeights(factor=1.01), Round()])
+    assert [r.verdict for r in report.records] == ["ok", "ok"]
+    assert report.records[1].to_json()["sqnr_db"] < 60  # end to end it is far from the input model
+    with pytest.raises(VerificationError, match=r"pass 'round'.*exact level.*SQNR"):
+        graphopt.optimize(from_text(MLP), [Round(factor=1.001)])  # 60 dB of its own: over its budget
 
 
 def test_lossless_pass_must_be_bit_exact() -> None:
