@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from graphopt.edit import NameSet, add_initializer, constant_tensor, drop_if_unused, is_onnx_op, replace_keeping_name
+from graphopt.edit import (
+    NameSet,
+    add_initializer,
+    constant_tensor,
+    drop_if_unused,
+    is_onnx_op,
+    replace_keeping_name,
+)
 from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
+from graphopt.passbase import PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +163,17 @@ def inferred_shapes(model: ir.Model) -> Iterator[None]:
         for v, (shape, type_) in saved.items():
             if v not in signature:
                 v.shape, v.type = shape, type_
+
+
+def rewrite_each(model: ir.Model, ops: dict[str, Callable[[ir.Node], str]], *, done: tuple[str, ...], quiet: tuple[str, ...] = ()) -> PassResult:
+    """The loop of the local-rewrite passes: call ``ops[op_type]`` on every standard-domain node of
+    those types (subgraphs too; nodes an earlier rewrite removed are skipped) and count what each
+    call returns. The model is modified when any call returned one of ``done``; ``quiet`` outcomes
+    (the common "not my pattern") are left out of the stats."""
+    stats: Counter[str] = Counter()
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        rewrite = ops.get(node.op_type)
+        if rewrite is not None and node.graph is not None and is_onnx_op(node, node.op_type):
+            stats[rewrite(node)] += 1
+    logger.debug("%s", dict(stats))
+    return PassResult(model, modified=any(stats[d] for d in done), stats={k: v for k, v in stats.items() if v and k not in quiet})

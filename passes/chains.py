@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.edit import NameSet, drop_if_unused, onnx_opset
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, ints_input_or_attr, is_std, legacy_constants, new_constant, rank
+from graphopt.passes._util import const_array, ints_input_or_attr, is_std, legacy_constants, new_constant, rank, rewrite_each
 from graphopt.registry import register
 
 logger = logging.getLogger(__name__)
@@ -32,20 +31,9 @@ class MergeReshapes(GraphPass):
     name = "merge-reshapes"
 
     def call(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
-        legacy = legacy_constants(model)
-        names = NameSet(model)
-        opset = onnx_opset(model)
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if node.graph is None:
-                continue
-            if is_std(node, "Unsqueeze"):
-                stats[_unsqueeze(node, legacy, opset, names)] += 1
-            elif is_std(node, "Reshape"):
-                stats[_reshape(node, legacy)] += 1
-        stats = Counter({k: v for k, v in stats.items() if v and k != "no_chain"})
-        logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=stats["merged_unsqueeze"] + stats["merged_reshape"] > 0, stats=dict(stats))
+        legacy, names, opset = legacy_constants(model), NameSet(model), onnx_opset(model)
+        rewrites = {"Unsqueeze": lambda n: _unsqueeze(n, legacy, opset, names), "Reshape": lambda n: _reshape(n, legacy)}
+        return rewrite_each(model, rewrites, done=("merged_unsqueeze", "merged_reshape"), quiet=("no_chain",))
 
 
 def _inner(node: ir.Node, op: str) -> ir.Node | None:

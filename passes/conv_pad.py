@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.edit import drop_if_unused, onnx_opset
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, ints_input_or_attr, is_std, legacy_constants
+from graphopt.passes._util import const_array, ints_input_or_attr, is_std, legacy_constants, rewrite_each
 from graphopt.registry import register
 
 logger = logging.getLogger(__name__)
@@ -33,14 +32,8 @@ class FoldPadIntoConv(GraphPass):
     name = "fold-pad-into-conv"
 
     def call(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
-        legacy = legacy_constants(model)
-        opset = onnx_opset(model)
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if is_std(node, "Pad"):
-                stats[_fold(node, legacy, opset)] += 1
-        logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=stats["folded"] > 0, stats={k: v for k, v in stats.items() if v})
+        legacy, opset = legacy_constants(model), onnx_opset(model)
+        return rewrite_each(model, {"Pad": lambda n: _fold(n, legacy, opset)}, done=("folded",))
 
 
 def _fold(pad: ir.Node, legacy: bool, opset: int) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.edit import NameSet, bypass, drop_if_unused
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input
+from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input, rewrite_each
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.passes.conv_bias import _per_channel
 from graphopt.registry import register
@@ -37,15 +36,9 @@ class FoldConvScale(GraphPass):
     tolerance = FoldBatchnorm.tolerance
 
     def call(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
-        legacy = legacy_constants(model)
-        names = NameSet(model)
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if node.graph is not None and is_std(node, "Mul") and len(node.inputs) == 2:
-                stats[_fold(node, legacy, names)] += 1
-        stats.pop("not_after_conv", None)
-        logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=stats["folded"] > 0, stats={k: v for k, v in stats.items() if v})
+        legacy, names = legacy_constants(model), NameSet(model)
+        return rewrite_each(model, {"Mul": lambda n: _fold(n, legacy, names) if len(n.inputs) == 2 else "not_after_conv"},
+                            done=("folded",), quiet=("not_after_conv",))  # fmt: skip
 
 
 def _fold(mul: ir.Node, legacy: bool, names: NameSet) -> str:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 
 import onnx_ir as ir
 
 from graphopt.edit import bypass, drop_if_unused
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, inferred_shapes, is_std, legacy_constants, rank
+from graphopt.passes._util import const_array, inferred_shapes, is_std, legacy_constants, rank, rewrite_each
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.registry import register
 
@@ -42,15 +41,10 @@ class FuseGemm(GraphPass):
     tolerance = FoldBatchnorm.tolerance
 
     def call(self, model: ir.Model) -> PassResult:
-        stats: Counter[str] = Counter()
         legacy = legacy_constants(model)
         with inferred_shapes(model):
-            for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-                if node.graph is not None and is_std(node, "Add") and len(node.inputs) == 2:
-                    stats[_fuse(node, legacy)] += 1
-        stats.pop("not_after_matmul", None)
-        logger.debug("%s: %s", self.name, dict(stats))
-        return PassResult(model, modified=stats["fused"] > 0, stats={k: v for k, v in stats.items() if v})
+            return rewrite_each(model, {"Add": lambda n: _fuse(n, legacy) if len(n.inputs) == 2 else "not_after_matmul"},
+                                done=("fused",), quiet=("not_after_matmul",))  # fmt: skip
 
 
 def _fuse(add: ir.Node, legacy: bool) -> str:
