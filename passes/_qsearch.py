@@ -57,6 +57,7 @@ class Search:
     full: OutputError | None  # worst output of the all-int8 model
     reached: OutputError | None  # worst output of the chosen model (None: all float, not run)
     runs: int = 0
+    unranked: int = 0  # nodes the ranking did not reach in time
 
 
 class _Evaluator:
@@ -71,7 +72,9 @@ class _Evaluator:
         return not any(e.violations(self.target) for e in errors), worst(errors)
 
 
-def keep_float_search(build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance) -> Search:
+def keep_float_search(
+    build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance, seconds: float = float("inf")
+) -> Search:
     """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
 
     ``build(keep)`` returns the model with every node of ``compute`` but ``keep`` quantized
@@ -80,6 +83,7 @@ def keep_float_search(build: Build, compute: list[int], rank_samples: Sequence[S
     output SQNR that costs; the shortest prefix of that ranking (most harmful first) kept in float
     that meets the target on ``check_samples`` is found by bisection, then each kept node is tried
     back in int8 (least harmful first, a few tries), since the ranking ignores interactions.
+    Nodes the ranking has not reached after ``seconds`` rank as harmless (last).
     """
     check = _Evaluator(build, check_samples, target)
     ok, full = check(set())
@@ -89,11 +93,14 @@ def keep_float_search(build: Build, compute: list[int], rank_samples: Sequence[S
     alone: dict[int, float] = {}
     t0 = time.perf_counter()
     for n, i in enumerate(compute):
+        if time.perf_counter() - t0 > seconds:
+            logger.warning("quantize-static: sensitivity ranking stopped after %.0f s at %d/%d nodes; the rest rank as harmless", seconds, n, len(compute))
+            break
         w = rank(set(compute) - {i})[1]
         alone[i] = w.sqnr_db if w is not None else float("inf")
         if (n + 1) % 16 == 0 or n + 1 == len(compute):
             logger.info("quantize-static: sensitivity %d/%d nodes (%.0f s)", n + 1, len(compute), time.perf_counter() - t0)
-    order = sorted(compute, key=lambda i: (alone[i], i))
+    order = sorted(compute, key=lambda i: (alone.get(i, float("inf")), i))
     lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
     reached: OutputError | None = None
     while hi - lo > 1:
@@ -105,12 +112,12 @@ def keep_float_search(build: Build, compute: list[int], rank_samples: Sequence[S
         else:
             lo = mid
     keep = set(order[:hi])
-    for i in sorted(keep, key=lambda i: -alone[i])[:REFINE_TRIES]:
+    for i in sorted(keep, key=lambda i: -alone.get(i, float("inf")))[:REFINE_TRIES]:
         ok, w = check(keep - {i})
         if ok:
             keep.discard(i)
             reached = w
-    return Search(keep, alone, full, reached, check.runs + (rank.runs if rank is not check else 0))
+    return Search(keep, alone, full, reached, check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone))
 
 
 REFINE_TRIES = 4

@@ -238,7 +238,7 @@ def _propagate(nodes: list[ir.Node], tensors: list[str], name, floats: dict[str,
 
 
 def collect_ranges(
-    model: ir.Model, names: Sequence[str], samples: Sequence[Sample], method: Method, qt: QType, percentile: float, chunk: int = 8
+    model: ir.Model, names: Sequence[str], samples: Sequence[Sample], method: Method, qt: QType, percentile: float, chunk: int = 16
 ) -> tuple[dict[str, tuple[float, float]], set[str]]:
     """Calibrated range per tensor, and the mask-like tensors (see ``_calibrate.mask_like``), capturing
     ``chunk`` tensors per ORT run to bound memory."""

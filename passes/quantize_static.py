@@ -7,8 +7,18 @@ and Transpose'd constant weights (legacy exports) unfolded first, so every weigh
 graph outputs stay float (the last layer runs as QGemm/MatMulIntegerToFloat with float output);
 activations default to uint8 (on x86 ORT converts int8 Q/DQ pairs to uint8 only when a Q has a
 single reader, so int8 activations that fan out stay unfused); the opset is raised to 13 for
-per-channel weights with onnx's converter, verified; ``target-sqnr`` keeps the most harmful layers
-in float, and ``latency-aware`` the layers that run slower in int8 on this machine.
+per-channel weights with onnx's converter, verified; ``latency-aware`` keeps in float the layers
+that run slower in int8 on this machine.
+
+What stays float, and why (each layer's record says which):
+- ``mask_range``: a node that would quantize a tensor whose calibrated range is set by far outliers,
+  such as the ``finfo.min`` of an attention mask added to the scores (``_calibrate.mask_like``): an
+  8-bit grid over that range leaves the scores one or two levels, and the output garbage;
+- ``sensitivity``: when the all-int8 model misses the pass's budget (``budget-min-sqnr`` /
+  ``budget-min-cosine`` when given, else 20 dB / 0.99) plus ``margin`` at ORT's default level on the
+  calibration data, each node is quantized alone and ranked by what that costs the output, and the
+  fewest most harmful ones are kept in float by bisection (``_qsearch.keep_float_search``). So the
+  default delivers the most-quantized model that meets the budget rather than a rollback.
 """
 
 from __future__ import annotations
@@ -40,8 +50,8 @@ logger = logging.getLogger(__name__)
 class QuantizeStatic(GraphPass):
     """Quantize activations and weights to 8 bits with Q/DQ pairs calibrated on data, in the layout onnxruntime fuses into integer kernels.
 
-    Default budget: SQNR >= 20 dB and cosine >= 0.99 at ORT's default level. A model that already
-    holds Q/DQ or quantized ops is left alone.
+    Default budget: SQNR >= 20 dB and cosine >= 0.99 at ORT's default level; layers that would break
+    it stay in float (``search``). A model that already holds Q/DQ or quantized ops is left alone.
     """
 
     name = "quantize-static"
@@ -58,6 +68,7 @@ class QuantizeStatic(GraphPass):
     fold_batchnorm: bool = option(True, "fold Conv+BatchNormalization first (what ORT's pre-processing does)")
     search: bool = option(True, "when the all-int8 model misses the budget, keep the most harmful layers in float until it meets it (with margin)")
     target_sqnr: float | None = option(None, "SQNR (dB, calibration data, deploy level) the search aims at instead of the budget's plus margin")
+    search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
 
@@ -165,11 +176,13 @@ class QuantizeStatic(GraphPass):
         target = tightened(budget, self.margin, self.target_sqnr)
         check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS)
         rank = _rows(samples, 1, RANK_ROWS)
-        found = keep_float_search(build, compute, rank, check, target)
+        found = keep_float_search(build, compute, rank, check, target, self.search_seconds)
         for i, sqnr in found.alone.items():
             layers[i]["alone_sqnr_db"] = round(sqnr, 2)
         for i in found.keep:
-            layers[i].update(choice="float", reason=f"sensitivity: alone costs the output {found.alone[i]:.1f} dB SQNR")
+            why = f"alone the output's SQNR is {found.alone[i]:.1f} dB" if i in found.alone else "not ranked in time"
+            layers[i].update(choice="float", reason=f"sensitivity: {why}")
+        stats["search_unranked"] = found.unranked
         stats["kept_float_sensitivity"] = len(found.keep)
         stats["search_runs"] = found.runs
         for key, e in (("all_int8", found.full), ("reached", found.reached)):

@@ -162,3 +162,13 @@ def test_mask_like_ranges() -> None:
     assert not mask_like([np.concatenate([rng.uniform(0.5, 1.0, 900), np.full(100, 1e-12)]).astype(np.float32)])  # a sigmoid's tail
     assert mask_like([np.concatenate([scores, [3e4]]).astype(np.float32)])  # one far outlier sets the range: the same harm
     assert not mask_like([rng.uniform(0, 6e4, 1000).astype(np.float32)])  # raw 16-bit data: big but no gap
+
+
+def test_time_bounded_ranking_still_meets_the_budget() -> None:
+    model, data = _mlp(300.0), _data()
+    reference = outputs(model, data)
+    result = _quantize(model, data, search_seconds=0.0)  # no node ranked: bisection and refinement on graph order
+    assert result.stats["search_unranked"] == 3
+    assert 1 <= result.stats["kept_float_sensitivity"] <= 2
+    assert next(r for r in result.layers if r["name"] == "Gemm3")["choice"] == "float"
+    assert _sqnr(model, data, reference) >= 21.0
