@@ -58,6 +58,7 @@ class Search:
     reached: OutputError | None  # worst output of the chosen model (None: all float, not run)
     runs: int = 0
     unranked: int = 0  # nodes the ranking did not reach in time
+    order: str = ""  # which ranking won: "harm", or "weightless first" when that keeps fewer weights float
 
 
 class _Evaluator:
@@ -73,7 +74,8 @@ class _Evaluator:
 
 
 def keep_float_search(
-    build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance, seconds: float = float("inf")
+    build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance,
+    seconds: float = float("inf"), weights: dict[int, int] | None = None,
 ) -> Search:
     """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
 
@@ -83,6 +85,8 @@ def keep_float_search(
     output SQNR that costs; the shortest prefix of that ranking (most harmful first) kept in float
     that meets the target on ``check_samples`` is found by bisection, then each kept node is tried
     back in int8 (least harmful first, a few tries), since the ranking ignores interactions.
+    With ``weights`` (weight elements per node, 0 for Add/Mul/...), a second order puts weightless
+    nodes first (they cost no size in float) and the result keeping fewer weights in float wins.
     Nodes the ranking has not reached after ``seconds`` rank as harmless (last).
     """
     check = _Evaluator(build, check_samples, target)
@@ -100,7 +104,23 @@ def keep_float_search(
         alone[i] = w.sqnr_db if w is not None else float("inf")
         if (n + 1) % 16 == 0 or n + 1 == len(compute):
             logger.info("quantize-static: sensitivity %d/%d nodes (%.0f s)", n + 1, len(compute), time.perf_counter() - t0)
-    order = sorted(compute, key=lambda i: (alone.get(i, float("inf")), i))
+    harm = lambda i: (alone.get(i, float("inf")), i)  # noqa: E731
+    orders = {"harm": sorted(compute, key=harm)}
+    if weights and any(weights.get(i, 0) == 0 for i in compute) and any(weights.get(i, 0) for i in compute):
+        orders["weightless first"] = sorted(compute, key=lambda i: (weights.get(i, 0) > 0, harm(i)))
+    best: tuple[int, int, str, set[int], OutputError | None] | None = None
+    for how, order in orders.items():
+        keep, reached = _bisect(check, order, alone)
+        cost = (sum(weights.get(i, 0) for i in keep) if weights else 0, len(keep))
+        logger.info("quantize-static: %s order keeps %d nodes (%d weight elements) in float", how, cost[1], cost[0])
+        if best is None or cost < best[:2]:
+            best = (*cost, how, keep, reached)
+    assert best is not None
+    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2])
+
+
+def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float]) -> tuple[set[int], OutputError | None]:
+    """The shortest prefix of ``order`` kept in float that meets the target, then refined."""
     lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
     reached: OutputError | None = None
     while hi - lo > 1:
@@ -117,7 +137,7 @@ def keep_float_search(
         if ok:
             keep.discard(i)
             reached = w
-    return Search(keep, alone, full, reached, check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone))
+    return keep, reached
 
 
 REFINE_TRIES = 4

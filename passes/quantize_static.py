@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from graphopt.activations import capture
 from graphopt.edit import NameSet, onnx_opset
+from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
@@ -176,13 +177,17 @@ class QuantizeStatic(GraphPass):
         target = tightened(budget, self.margin, self.target_sqnr)
         check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS)
         rank = _rows(samples, 1, RANK_ROWS)
-        found = keep_float_search(build, compute, rank, check, target, self.search_seconds)
+        nodes = list(build(None)[0].graph)
+        weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
+        found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
         for i, sqnr in found.alone.items():
             layers[i]["alone_sqnr_db"] = round(sqnr, 2)
         for i in found.keep:
             why = f"alone the output's SQNR is {found.alone[i]:.1f} dB" if i in found.alone else "not ranked in time"
             layers[i].update(choice="float", reason=f"sensitivity: {why}")
         stats["search_unranked"] = found.unranked
+        if found.order == "weightless first":
+            stats["search_weightless_first"] = 1
         stats["kept_float_sensitivity"] = len(found.keep)
         stats["search_runs"] = found.runs
         for key, e in (("all_int8", found.full), ("reached", found.reached)):
