@@ -90,6 +90,7 @@ def _run_checked(
 ) -> ir.Model:
     signature = _signature(model)
     p.calibration = settings.calibration if p.uses_data else None
+    p.default_budget = settings.tolerance  # so a pass that searches for its budget (quantize-static) aims at the one it is held to
     mapped = _external(model)
     start = time.perf_counter()
     try:
@@ -100,6 +101,7 @@ def _run_checked(
         raise PassFailed(f"pass '{p.name}' raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     finally:
         p.calibration = None
+        p.default_budget = None
         for tensor in mapped + _external(model):  # unmap what the pass read: pages of weights it replaced
             tensor.release()  # would otherwise stay resident (tensors are shared with the caller's model)
     seconds = time.perf_counter() - start

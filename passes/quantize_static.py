@@ -133,7 +133,7 @@ class QuantizeStatic(GraphPass):
         stats["kept_float_mask_range"] = len(keep)
         if self.latency_aware:
             keep |= self._latency(model, plan, ranges, qt, per_channel, samples, keep, layers, build, stats)
-        budget = self.budget()
+        budget = self.budget(self.default_budget)  # what the runner holds this pass to (its --tolerance, then budget-* options)
         if self.search and (budget.is_set() or self.target_sqnr is not None):
             fixed = set(keep)
             keep |= self._search(lambda k: build(None if k is None else k | fixed), [i for i in plan.compute if i not in keep], samples, budget, layers, stats)

@@ -172,3 +172,19 @@ def test_time_bounded_ranking_still_meets_the_budget() -> None:
     assert 1 <= result.stats["kept_float_sensitivity"] <= 2
     assert next(r for r in result.layers if r["name"] == "Gemm3")["choice"] == "float"
     assert _sqnr(model, data, reference) >= 21.0
+
+
+def test_runner_budget_and_tolerance_drive_the_search() -> None:
+    import graphopt
+
+    data = _data()
+    strict_db = 35.0  # all-int8 gets about 33.5 dB here
+    cases = (({}, "quantize-static"), ({"tolerance": Tolerance(min_sqnr_db=20.0)}, "quantize-static{budget-min-sqnr=35}"), ({"tolerance": Tolerance(min_sqnr_db=strict_db)}, "quantize-static"))
+    for kwargs, pipeline in cases:
+        model, report = graphopt.optimize(_mlp(1.0), pipeline, inputs=data, calibration=data, **kwargs)  # on_violation=fail: must meet it
+        record = next(r for r in report.records if r.name == "quantize-static")
+        assert record.verdict == "ok"
+        strict = kwargs.get("tolerance") == Tolerance(min_sqnr_db=strict_db) or "budget" in pipeline
+        assert (record.stats.get("kept_float_sensitivity", 0) > 0) == bool(strict), (pipeline, record.stats)
+        assert min(e.sqnr_db for e in record.deploy) >= (strict_db if strict else 20.0)
+        assert_valid(model)
