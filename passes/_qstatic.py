@@ -299,6 +299,7 @@ def apply_plan(
     for node in graph:
         values.update({v.name: v for v in node.outputs if v.name})
     first = next(iter(graph))
+    computed = {id(nodes[i]) for i in plan.compute}
     for t in plan.tensors:
         value = values[t]
         scale, zp = params[t]
@@ -317,8 +318,12 @@ def apply_plan(
             graph.insert_after(anchor, [q_node, dq_node])
         else:
             graph.insert_before(anchor, [q_node, dq_node])
+        # Readers that stay float keep the exact tensor (a residual stream read by a quantized MatMul
+        # and a float Add) unless it is a fused kernel's output, which ORT wants read through the DQ only.
+        own = producer is not None and id(producer) in computed
         for u, k in uses:
-            u.replace_input_with(k, dq_out)
+            if own or id(u) in computed or is_onnx_op(u, TRANSPARENT):
+                u.replace_input_with(k, dq_out)
     for i in plan.compute:
         node = nodes[i]
         if node.op_type not in WEIGHTED or (node.op_type == "MatMul" and constant_array(node.inputs[1]) is None):
