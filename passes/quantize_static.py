@@ -175,9 +175,10 @@ class QuantizeStatic(GraphPass):
     def _search(self, build, compute, samples, budget, layers, stats) -> set[int]:  # noqa: ANN001
         """Nodes kept in float so the model meets the budget (plus margin) on the calibration data."""
         target = tightened(budget, self.margin, self.target_sqnr)
-        check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS)
-        rank = _rows(samples, 1, RANK_ROWS)
-        nodes = list(build(None)[0].graph)
+        model = build(None)[0]
+        check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
+        rank = _rows(samples, 1, RANK_ROWS, model)
+        nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
         found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
         for i, sqnr in found.alone.items():
@@ -210,12 +211,14 @@ RANK_ROWS = 4
 """Rows of the first calibration sample the per-node sensitivity ranking runs on."""
 
 
-def _rows(samples: list, count: int, rows: int) -> list:
-    """The first ``count`` samples cut to ``rows`` along the batch axis (inputs whose first dim agrees)."""
+def _rows(samples: list, count: int, rows: int, model: ir.Model) -> list:
+    """The first ``count`` samples cut to ``rows`` along the batch axis: only when every input's first
+    dim is dynamic in the model and the same in the sample (else the sample stays whole)."""
+    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
     out = []
     for s in samples[:count]:
-        firsts = {np.shape(v)[0] for v in s.values() if np.ndim(v)}
-        out.append({k: v[:rows] for k, v in s.items()} if len(firsts) == 1 else dict(s))
+        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
+        out.append({k: v[:rows] for k, v in s.items()} if dynamic and len(firsts) == 1 and None not in firsts else dict(s))
     return out
 
 

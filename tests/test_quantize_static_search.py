@@ -188,3 +188,13 @@ def test_runner_budget_and_tolerance_drive_the_search() -> None:
         assert (record.stats.get("kept_float_sensitivity", 0) > 0) == bool(strict), (pipeline, record.stats)
         assert min(e.sqnr_db for e in record.deploy) >= (strict_db if strict else 20.0)
         assert_valid(model)
+
+
+def test_search_rows_cut_only_along_a_dynamic_batch() -> None:
+    from graphopt.passes.quantize_static import _rows
+
+    dynamic, data = _mlp(1.0), [{"x": np.zeros((40, 16), np.float32)}]
+    assert _rows(data, 1, 4, dynamic)[0]["x"].shape == (4, 16)
+    fixed = _mlp(1.0)
+    fixed.graph.inputs[0].shape = ir.Shape([40, 16])
+    assert _rows(data, 1, 4, fixed)[0]["x"].shape == (40, 16)
