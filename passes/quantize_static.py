@@ -42,6 +42,7 @@ from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import keep_float_search, output_sqnr, tightened, time_layers, whole_model_ms
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
+from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,12 @@ class QuantizeStatic(GraphPass):
         rank = _rows(samples, 1, RANK_ROWS, model)
         nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
-        found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
+        try:
+            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
+        except OrtFailure as e:  # e.g. no QuantizeLinear kernel at this opset: nothing to measure with here
+            logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
+            stats["search_skipped_ort_failure"] = 1
+            return set()
         for i, sqnr in found.alone.items():
             layers[i]["alone_sqnr_db"] = round(sqnr, 2)
         for i in found.keep:
