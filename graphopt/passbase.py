@@ -73,6 +73,7 @@ class GraphPass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         self.calibration: Calibration | None = None  # set by the runner, never part of the options
+        self.default_budget: Tolerance | None = None  # the runner's default for lossy passes (``--tolerance``), set while it runs the pass
 
     @classmethod
     def summary(cls) -> str:

@@ -92,6 +92,7 @@ def _run_checked(
     if verifier is not None and not p.lossless and p.budget(settings.tolerance).max_accuracy_drop is not None and (why := verifier.can_judge_accuracy()):
         raise UsageError(f"pass '{p.name}': {why}")
     p.calibration = settings.calibration if p.uses_data else None
+    p.default_budget = settings.tolerance  # so a pass that searches for its budget (quantize-static) aims at the one it is held to
     mapped = _external(model)
     start = time.perf_counter()
     try:
@@ -102,6 +103,7 @@ def _run_checked(
         raise PassFailed(f"pass '{p.name}' raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     finally:
         p.calibration = None
+        p.default_budget = None
         for tensor in mapped + _external(model):  # unmap what the pass read: pages of weights it replaced
             tensor.release()  # would otherwise stay resident (tensors are shared with the caller's model)
     seconds = time.perf_counter() - start

@@ -87,3 +87,29 @@ def _entropy_range(x: np.ndarray, lo: float, hi: float, qt: QType, bins: int = 2
             best_i, best_kl = i, kl
     t = float(edges[best_i])
     return (0.0 if one_sided else max(lo, -t)), min(hi, t) if hi > 0 else hi
+
+
+MASK_GAP_DECADES = 2.0
+"""A tensor whose magnitudes split into two clusters this many decades apart is mask-like."""
+MASK_MIN_MAGNITUDE = 1e3
+
+
+def mask_like(arrays: Sequence[np.ndarray], min_share: float = 0.01) -> bool:
+    """True when the tensor's range is set by a few huge values far from the bulk (an attention mask's
+    ``finfo.min`` or ``-1e4`` added to scores): an 8-bit grid over that range maps the bulk, which
+    carries the information (scores differing by units), onto one or two levels.
+
+    The test: the nonzero magnitudes have an empty band of :data:`MASK_GAP_DECADES` decades with at
+    least ``min_share`` of the values below it, and the values above it are at least
+    :data:`MASK_MIN_MAGNITUDE` (what masks use; a sigmoid's 1e-12 tail under a bulk near 1 is not a mask).
+    """
+    x = _values(arrays)
+    a = np.abs(x[np.isfinite(x) & (x != 0)]).astype(np.float64)
+    if not np.all(np.isfinite(x)):  # -inf masks: no 8-bit grid covers them
+        return True
+    if a.size < 2:
+        return False
+    logs = np.sort(np.log10(a))
+    gaps = np.diff(logs)
+    k = int(np.argmax(gaps))
+    return bool(gaps[k] >= MASK_GAP_DECADES and (k + 1) >= min_share * logs.size and logs[k + 1] >= np.log10(MASK_MIN_MAGNITUDE))

@@ -1,7 +1,7 @@
 """The two searches of quantize-static that decide which layers stay in float.
 
-- sensitivity: quantize each compute node alone, rank by the output SQNR that costs, then keep the
-  most harmful ones in float (greedily, most harmful first) until the whole model meets a target;
+- sensitivity: when the all-int8 model misses the budget, quantize each compute node alone, rank by
+  the output SQNR that costs, and bisect on how many of the most harmful to keep in float;
 - latency: time each weighted layer (Conv/MatMul/Gemm) in float and as its int8 QDQ pattern with
   onnxruntime on this machine (ORT's default level, 1 thread, interleaved medians) and keep in
   float those where int8 is not faster.
@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,12 +21,13 @@ import onnx_ir as ir
 
 from graphopt.data import Sample
 from graphopt.layers import as_linear_layer
-from graphopt.metrics import compare_outputs, worst
+from graphopt.metrics import OutputError, Tolerance, compare_outputs, worst
 from graphopt.passes._qmath import QType
 from graphopt.passes._qstatic import WEIGHTED, Plan, apply_plan
 from graphopt.verify import make_session, run
 
-Build = Callable[[set[int]], tuple[ir.Model, Plan]]
+Build = Callable[[set[int] | None], tuple[ir.Model, Plan]]
+logger = logging.getLogger(__name__)
 
 
 def output_sqnr(model: ir.Model, samples: Sequence[Sample], reference: list[dict[str, np.ndarray]]) -> float:
@@ -34,24 +37,111 @@ def output_sqnr(model: ir.Model, samples: Sequence[Sample], reference: list[dict
     return w.sqnr_db if w is not None else float("inf")
 
 
-def sensitivity(build: Build, compute: list[int], samples: Sequence[Sample], reference: list, target: float, labels: dict[int, str]) -> tuple[set[int], list[dict[str, Any]], float]:
-    """Indices to keep in float, a record per node, and the SQNR reached."""
-    full = output_sqnr(build(set())[0], samples, reference)
-    if full >= target:
-        return set(), [], full
-    alone = {}
-    for i in compute:
-        alone[i] = output_sqnr(build(set(compute) - {i})[0], samples, reference)
-    order = sorted(compute, key=lambda i: alone[i])
-    keep: set[int] = set()
-    reached = full
-    for i in order:
-        keep.add(i)
-        reached = output_sqnr(build(keep)[0], samples, reference)
-        if reached >= target:
+def tightened(budget: Tolerance, margin_db: float, min_sqnr_db: float | None = None) -> Tolerance:
+    """``budget`` with ``margin_db`` of head room on every criterion (on 1 - cosine and the abs/rel
+    bounds too, as noise-power ratios), so a model that meets it on the calibration data still meets
+    ``budget`` on other samples; ``min_sqnr_db`` (an explicit target) replaces the SQNR floor as is."""
+    power, amplitude = 10 ** (margin_db / 10), 10 ** (margin_db / 20)
+    return Tolerance(
+        max_abs=None if budget.max_abs is None else budget.max_abs / amplitude,
+        max_rel=None if budget.max_rel is None else budget.max_rel / amplitude,
+        min_sqnr_db=min_sqnr_db if min_sqnr_db is not None else (None if budget.min_sqnr_db is None else budget.min_sqnr_db + margin_db),
+        min_cosine=None if budget.min_cosine is None else 1.0 - (1.0 - budget.min_cosine) / power,
+    )
+
+
+@dataclasses.dataclass
+class Search:
+    keep: set[int]  # node indices kept in float
+    alone: dict[int, float]  # worst-output SQNR with only that node quantized (ranking samples)
+    full: OutputError | None  # worst output of the all-int8 model
+    reached: OutputError | None  # worst output of the chosen model (None: all float, not run)
+    runs: int = 0
+    unranked: int = 0  # nodes the ranking did not reach in time
+    order: str = ""  # which ranking won: "harm", or "weightless first" when that keeps fewer weights float
+
+
+class _Evaluator:
+    def __init__(self, build: Build, samples: Sequence[Sample], target: Tolerance) -> None:
+        self.build, self.samples, self.target = build, samples, target
+        self.reference = run(build(None)[0], samples, "exact")  # type: ignore[arg-type]
+        self.runs = 0
+
+    def __call__(self, keep: set[int]) -> tuple[bool, OutputError | None]:
+        self.runs += 1
+        errors = compare_outputs(self.reference, run(self.build(keep)[0], self.samples, "deploy"), self.target)
+        return not any(e.violations(self.target) for e in errors), worst(errors)
+
+
+def keep_float_search(
+    build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance,
+    seconds: float = float("inf"), weights: dict[int, int] | None = None,
+) -> Search:
+    """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
+
+    ``build(keep)`` returns the model with every node of ``compute`` but ``keep`` quantized
+    (``build(None)``: the float model). All-int8 first; when that misses, each node is quantized
+    alone on ``rank_samples`` (a few rows: the cost is mostly session creation) and ranked by the
+    output SQNR that costs; the shortest prefix of that ranking (most harmful first) kept in float
+    that meets the target on ``check_samples`` is found by bisection, then each kept node is tried
+    back in int8 (least harmful first, a few tries), since the ranking ignores interactions.
+    With ``weights`` (weight elements per node, 0 for Add/Mul/...), a second order puts weightless
+    nodes first (they cost no size in float) and the result keeping fewer weights in float wins.
+    Nodes the ranking has not reached after ``seconds`` rank as harmless (last).
+    """
+    check = _Evaluator(build, check_samples, target)
+    ok, full = check(set())
+    if ok:
+        return Search(set(), {}, full, full, check.runs)
+    rank = _Evaluator(build, rank_samples, target) if rank_samples is not check_samples else check
+    alone: dict[int, float] = {}
+    t0 = time.perf_counter()
+    for n, i in enumerate(compute):
+        if time.perf_counter() - t0 > seconds:
+            logger.warning("quantize-static: sensitivity ranking stopped after %.0f s at %d/%d nodes; the rest rank as harmless", seconds, n, len(compute))
             break
-    records = [{"name": labels[i], "alone_sqnr_db": round(alone[i], 2), "choice": "float" if i in keep else "int8", "reason": "sensitivity" if i in keep else ""} for i in order]
-    return keep, records, reached
+        w = rank(set(compute) - {i})[1]
+        alone[i] = w.sqnr_db if w is not None else float("inf")
+        if (n + 1) % 16 == 0 or n + 1 == len(compute):
+            logger.info("quantize-static: sensitivity %d/%d nodes (%.0f s)", n + 1, len(compute), time.perf_counter() - t0)
+    harm = lambda i: (alone.get(i, float("inf")), i)  # noqa: E731
+    orders = {"harm": sorted(compute, key=harm)}
+    if weights and any(weights.get(i, 0) == 0 for i in compute) and any(weights.get(i, 0) for i in compute):
+        orders["weightless first"] = sorted(compute, key=lambda i: (weights.get(i, 0) > 0, harm(i)))
+    best: tuple[int, int, str, set[int], OutputError | None] | None = None
+    for how, order in orders.items():
+        keep, reached = _bisect(check, order, alone)
+        cost = (sum(weights.get(i, 0) for i in keep) if weights else 0, len(keep))
+        logger.info("quantize-static: %s order keeps %d nodes (%d weight elements) in float", how, cost[1], cost[0])
+        if best is None or cost < best[:2]:
+            best = (*cost, how, keep, reached)
+    assert best is not None
+    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2])
+
+
+def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float]) -> tuple[set[int], OutputError | None]:
+    """The shortest prefix of ``order`` kept in float that meets the target, then refined."""
+    lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
+    reached: OutputError | None = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok, w = check(set(order[:mid]))
+        logger.info("quantize-static: %d of %d nodes in float -> worst SQNR %.2f dB (%s)", mid, len(order), w.sqnr_db if w else float("inf"), "meets" if ok else "misses")
+        if ok:
+            hi, reached = mid, w
+        else:
+            lo = mid
+    keep = set(order[:hi])
+    for i in sorted(keep, key=lambda i: -alone.get(i, float("inf")))[:REFINE_TRIES]:
+        ok, w = check(keep - {i})
+        if ok:
+            keep.discard(i)
+            reached = w
+    return keep, reached
+
+
+REFINE_TRIES = 4
+"""Kept nodes tried back in int8 after the bisection."""
 
 
 def time_layers(model: ir.Model, plan: Plan, params: dict, qt: QType, per_channel: bool, sample_shapes: dict[str, tuple[int, ...]], tag: str) -> dict[int, tuple[float, float]]:

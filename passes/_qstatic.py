@@ -31,7 +31,7 @@ from graphopt.activations import capture
 from graphopt.data import Sample
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op
 from graphopt.layers import as_linear_layer
-from graphopt.passes._calibrate import Method, tensor_range
+from graphopt.passes._calibrate import Method, mask_like, tensor_range
 from graphopt.passes._qgraph import add_dequantize, matches
 from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight, expand, quantize, quantize_weight, scale_zero_point
 
@@ -237,14 +237,34 @@ def _propagate(nodes: list[ir.Node], tensors: list[str], name, floats: dict[str,
     return {t: root(t) for t in parent}
 
 
-def collect_ranges(model: ir.Model, names: Sequence[str], samples: Sequence[Sample], method: Method, qt: QType, percentile: float, chunk: int = 8) -> dict[str, tuple[float, float]]:
-    """Calibrated range per tensor, capturing ``chunk`` tensors per ORT run to bound memory."""
+def collect_ranges(
+    model: ir.Model, names: Sequence[str], samples: Sequence[Sample], method: Method, qt: QType, percentile: float, chunk: int = 16
+) -> tuple[dict[str, tuple[float, float]], set[str]]:
+    """Calibrated range per tensor, and the mask-like tensors (see ``_calibrate.mask_like``), capturing
+    ``chunk`` tensors per ORT run to bound memory."""
     out = {}
+    masks = set()
     names = list(names)
     for start in range(0, len(names), chunk):
         part = names[start : start + chunk]
         for n, arrays in capture(model, samples, part).items():
             out[n] = tensor_range(arrays, method, qt, percentile=percentile)
+            if mask_like(arrays):
+                masks.add(n)
+    return out, masks
+
+
+def touching(model: ir.Model, plan: Plan, tensors: set[str]) -> set[int]:
+    """Compute nodes of ``plan`` that would quantize one of ``tensors`` or a tensor sharing its scale."""
+    roots = {plan.groups[t] for t in tensors if t in plan.groups}
+    bad = {t for t, r in plan.groups.items() if r in roots}
+    nodes = list(model.graph)
+    relu_out = {p: nodes[r].outputs[0].name for r, p in plan.absorbed.items()}
+    out = set()
+    for i in plan.compute:
+        names = {v.name for v in nodes[i].inputs if v is not None} | {nodes[i].outputs[0].name, relu_out.get(i)}
+        if names & bad:
+            out.add(i)
     return out
 
 
@@ -259,8 +279,12 @@ def group_params(plan: Plan, ranges: dict[str, tuple[float, float]], qt: QType) 
     return {t: params[r] for t, r in plan.groups.items()}
 
 
-def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, np.ndarray]], qt: QType, per_channel: bool, tag: str) -> int:
-    """Rewrite ``model`` (the one the plan was made on, or a clone of it); returns Q/DQ pairs added."""
+def apply_plan(
+    model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, np.ndarray]], qt: QType, per_channel: bool, tag: str,
+    cache: dict[tuple[int, int | None], QuantizedWeight] | None = None,
+) -> int:
+    """Rewrite ``model`` (the one the plan was made on, or a clone of it); returns Q/DQ pairs added.
+    ``cache`` keeps quantized weights between rewrites of clones (which share their tensors)."""
     graph = model.graph
     nodes = list(graph)
     names = NameSet(model)
@@ -275,6 +299,7 @@ def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, 
     for node in graph:
         values.update({v.name: v for v in node.outputs if v.name})
     first = next(iter(graph))
+    computed = {id(nodes[i]) for i in plan.compute}
     for t in plan.tensors:
         value = values[t]
         scale, zp = params[t]
@@ -293,8 +318,12 @@ def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, 
             graph.insert_after(anchor, [q_node, dq_node])
         else:
             graph.insert_before(anchor, [q_node, dq_node])
+        # Readers that stay float keep the exact tensor (a residual stream read by a quantized MatMul
+        # and a float Add) unless it is a fused kernel's output, which ORT wants read through the DQ only.
+        own = producer is not None and id(producer) in computed
         for u, k in uses:
-            u.replace_input_with(k, dq_out)
+            if own or id(u) in computed or is_onnx_op(u, TRANSPARENT):
+                u.replace_input_with(k, dq_out)
     for i in plan.compute:
         node = nodes[i]
         if node.op_type not in WEIGHTED or (node.op_type == "MatMul" and constant_array(node.inputs[1]) is None):
@@ -303,7 +332,12 @@ def apply_plan(model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, 
         assert layer is not None
         w = layer.tensor.numpy()
         axis = layer.output_axis if per_channel else None
-        qw = quantize_weight(w, QTYPES["int8"], axis=axis, symmetric=True)
+        key = (id(layer.tensor), axis)
+        qw = cache.get(key) if cache is not None else None
+        if qw is None:
+            qw = quantize_weight(w, QTYPES["int8"], axis=axis, symmetric=True)
+            if cache is not None:
+                cache[key] = qw
         has_bias = node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None
         if has_bias:
             qw = _fit_bias(qw, w, node)
@@ -354,4 +388,4 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, params: 
     drop_if_unused(bias_value)
 
 
-__all__ = ["Plan", "apply_plan", "collect_ranges", "float_tensors", "fold_batchnorm", "group_params", "make_plan"]
+__all__ = ["Plan", "apply_plan", "collect_ranges", "touching", "float_tensors", "fold_batchnorm", "group_params", "make_plan"]

@@ -7,8 +7,18 @@ and Transpose'd constant weights (legacy exports) unfolded first, so every weigh
 graph outputs stay float (the last layer runs as QGemm/MatMulIntegerToFloat with float output);
 activations default to uint8 (on x86 ORT converts int8 Q/DQ pairs to uint8 only when a Q has a
 single reader, so int8 activations that fan out stay unfused); the opset is raised to 13 for
-per-channel weights with onnx's converter, verified; ``target-sqnr`` keeps the most harmful layers
-in float, and ``latency-aware`` the layers that run slower in int8 on this machine.
+per-channel weights with onnx's converter, verified; ``latency-aware`` keeps in float the layers
+that run slower in int8 on this machine.
+
+What stays float, and why (each layer's record says which):
+- ``mask_range``: a node that would quantize a tensor whose calibrated range is set by far outliers,
+  such as the ``finfo.min`` of an attention mask added to the scores (``_calibrate.mask_like``): an
+  8-bit grid over that range leaves the scores one or two levels, and the output garbage;
+- ``sensitivity``: when the all-int8 model misses the pass's budget (``budget-min-sqnr`` /
+  ``budget-min-cosine`` when given, else 20 dB / 0.99) plus ``margin`` at ORT's default level on the
+  calibration data, each node is quantized alone and ranked by what that costs the output, and the
+  fewest most harmful ones are kept in float by bisection (``_qsearch.keep_float_search``). So the
+  default delivers the most-quantized model that meets the budget rather than a rollback.
 """
 
 from __future__ import annotations
@@ -18,19 +28,21 @@ import logging
 from collections import Counter
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture
 from graphopt.edit import NameSet, onnx_opset
+from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import output_sqnr, sensitivity, time_layers, whole_model_ms
-from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan
+from graphopt.passes._qsearch import keep_float_search, output_sqnr, tightened, time_layers, whole_model_ms
+from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
-from graphopt.verify import run
+from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +52,8 @@ logger = logging.getLogger(__name__)
 class QuantizeStatic(GraphPass):
     """Quantize activations and weights to 8 bits with Q/DQ pairs calibrated on data, in the layout onnxruntime fuses into integer kernels.
 
-    Default budget: SQNR >= 20 dB and cosine >= 0.99 at ORT's default level. A model that already
-    holds Q/DQ or quantized ops is left alone.
+    Default budget: SQNR >= 20 dB and cosine >= 0.99 at ORT's default level; layers that would break
+    it stay in float (``search``). A model that already holds Q/DQ or quantized ops is left alone.
     """
 
     name = "quantize-static"
@@ -56,7 +68,10 @@ class QuantizeStatic(GraphPass):
     ops: list[str] = option(list(COMPUTE), "op types quantized (Reshape/MaxPool/... follow their neighbours)")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type or output name) kept in float")
     fold_batchnorm: bool = option(True, "fold Conv+BatchNormalization first (what ORT's pre-processing does)")
-    target_sqnr: float | None = option(None, "keep the most harmful layers in float until the output SQNR (dB, calibration data) reaches this")
+    search: bool = option(True, "when the all-int8 model misses the budget, keep the most harmful layers in float until it meets it (with margin)")
+    target_sqnr: float | None = option(None, "SQNR (dB, calibration data, deploy level) the search aims at instead of the budget's plus margin")
+    search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
+    margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
 
     def call(self, model: ir.Model) -> PassResult:
@@ -99,54 +114,30 @@ class QuantizeStatic(GraphPass):
                 floats = float_tensors(model)
                 plan = make_plan(model, self.ops, self.exclude, set(), floats)
         qt = QTYPES[self.activation_type]
-        ranges = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
+        ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
+        cache: dict = {}
 
-        def build(keep: set[int], target: ir.Model | None = None) -> tuple[ir.Model, Plan]:
+        def build(keep: set[int] | None, target: ir.Model | None = None) -> tuple[ir.Model, Plan]:
+            if keep is None:
+                return model, plan
             m = target if target is not None else model.clone()
             p = make_plan(model, self.ops, self.exclude, keep, floats)
-            apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name)
+            apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name, cache)
             return m, p
 
-        keep: set[int] = set()
         layers: dict[int, dict[str, Any]] = {i: {"name": labels[i], "op": nodes[i].op_type, "choice": "int8"} for i in plan.compute}
+        keep = _mask_nodes(model, plan, masks, lambda k: make_plan(model, self.ops, self.exclude, k, floats))
+        for i in keep:
+            layers[i].update(choice="float", reason="mask_range")
+        stats["kept_float_mask_range"] = len(keep)
         if self.latency_aware:
-            shapes = {n: a[0].shape for n, a in capture(model, samples[:1], sorted({nodes[i].inputs[0].name for i in plan.compute})).items()}
-            for i, (t_float, t_int8) in time_layers(model, plan, group_params(plan, ranges, qt), qt, per_channel, shapes, self.name).items():
-                layers[i].update(float_ms=round(t_float, 4), int8_ms=round(t_int8, 4))
-                if t_int8 >= t_float:
-                    keep.add(i)
-                    layers[i].update(choice="float", reason="latency")
-        if self.latency_aware:  # per-layer choices ignore the conversions between layers: check end to end
-            candidates = {"int8": set(), "mixed": set(keep), "float": set(plan.compute)}
-            if not keep:
-                candidates.pop("mixed")
-            models = [model] + [build(k)[0] for c, k in candidates.items() if c != "float"]
-            times = dict(zip(["float", *(c for c in candidates if c != "float")], whole_model_ms(models, samples[0])))
-            for c, t in times.items():
-                stats[f"latency_us_{c}"] = int(round(t * 1000))
-            best = min(times, key=lambda c: (times[c], c != "float"))
-            if best != "mixed":
-                keep = candidates[best]
-                why = "float model faster end to end" if best == "float" else "all-int8 model faster end to end"
-                for i in plan.compute:
-                    if layers[i]["choice"] != ("float" if i in keep else "int8"):
-                        layers[i].update(choice="float" if i in keep else "int8", reason=why)
-            stats["latency_choice_" + best] = 1
-        if self.target_sqnr is not None:
-            reference = run(model, samples, "exact")
-            more, records, reached = sensitivity(lambda k: build(keep | k), [i for i in plan.compute if i not in keep], samples, reference, self.target_sqnr, labels)
-            stats["kept_float_sensitivity"] = len(more)
-            by_name = {r["name"]: r for r in records}
-            for i in plan.compute:
-                if labels[i] in by_name:
-                    r = by_name[labels[i]]
-                    layers[i]["alone_sqnr_db"] = r["alone_sqnr_db"]
-                    if i in more:
-                        layers[i].update(choice="float", reason="sensitivity")
-            keep |= more
-            stats["reached_sqnr_centi_db"] = int(round(reached * 100)) if reached != float("inf") else 0
+            keep |= self._latency(model, plan, ranges, qt, per_channel, samples, keep, layers, build, stats)
+        budget = self.budget(self.default_budget)  # what the runner holds this pass to (its --tolerance, then budget-* options)
+        if self.search and (budget.is_set() or self.target_sqnr is not None):
+            fixed = set(keep)
+            keep |= self._search(lambda k: build(None if k is None else k | fixed), [i for i in plan.compute if i not in keep], samples, budget, layers, stats)
         stats["kept_float_latency"] = sum(1 for r in layers.values() if r.get("reason") == "latency")
         _, final = build(keep, target=model)
         stats["quantized_nodes"] = len(final.compute)
@@ -154,11 +145,98 @@ class QuantizeStatic(GraphPass):
         stats["relu_absorbed"] = len(final.absorbed)
         return self._result(model, stats, [layers[i] for i in sorted(layers)])
 
+    def _latency(self, model, plan, ranges, qt, per_channel, samples, keep, layers, build, stats) -> set[int]:  # noqa: ANN001
+        """Layers to keep in float because int8 is not faster here (timed per layer, then end to end)."""
+        nodes = list(model.graph)
+        base, keep = set(keep), set(keep)
+        shapes = {n: a[0].shape for n, a in capture(model, samples[:1], sorted({nodes[i].inputs[0].name for i in plan.compute})).items()}
+        for i, (t_float, t_int8) in time_layers(model, plan, group_params(plan, ranges, qt), qt, per_channel, shapes, self.name).items():
+            layers[i].update(float_ms=round(t_float, 4), int8_ms=round(t_int8, 4))
+            if t_int8 >= t_float and i not in keep:
+                keep.add(i)
+                layers[i].update(choice="float", reason="latency")
+        # per-layer choices ignore the conversions between layers: check end to end
+        candidates = {"int8": base, "mixed": set(keep), "float": set(plan.compute)}
+        if keep == base:
+            candidates.pop("mixed")
+        models = [model] + [build(k)[0] for c, k in candidates.items() if c != "float"]
+        times = dict(zip(["float", *(c for c in candidates if c != "float")], whole_model_ms(models, samples[0])))
+        for c, t in times.items():
+            stats[f"latency_us_{c}"] = int(round(t * 1000))
+        best = min(times, key=lambda c: (times[c], c != "float"))
+        if best != "mixed":
+            keep = candidates[best]
+            why = "float model faster end to end" if best == "float" else "all-int8 model faster end to end"
+            for i in plan.compute:
+                if layers[i]["choice"] != ("float" if i in keep else "int8"):
+                    layers[i].update(choice="float" if i in keep else "int8", reason=why)
+        stats["latency_choice_" + best] = 1
+        return keep
+
+    def _search(self, build, compute, samples, budget, layers, stats) -> set[int]:  # noqa: ANN001
+        """Nodes kept in float so the model meets the budget (plus margin) on the calibration data."""
+        target = tightened(budget, self.margin, self.target_sqnr)
+        model = build(None)[0]
+        check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
+        rank = _rows(samples, 1, RANK_ROWS, model)
+        nodes = list(model.graph)
+        weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
+        try:
+            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
+        except OrtFailure as e:  # e.g. no QuantizeLinear kernel at this opset: nothing to measure with here
+            logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
+            stats["search_skipped_ort_failure"] = 1
+            return set()
+        for i, sqnr in found.alone.items():
+            layers[i]["alone_sqnr_db"] = round(sqnr, 2)
+        for i in found.keep:
+            why = f"alone the output's SQNR is {found.alone[i]:.1f} dB" if i in found.alone else "not ranked in time"
+            layers[i].update(choice="float", reason=f"sensitivity: {why}")
+        stats["search_unranked"] = found.unranked
+        if found.order == "weightless first":
+            stats["search_weightless_first"] = 1
+        stats["kept_float_sensitivity"] = len(found.keep)
+        stats["search_runs"] = found.runs
+        for key, e in (("all_int8", found.full), ("reached", found.reached)):
+            if e is not None and np.isfinite(e.sqnr_db):
+                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        if found.keep:
+            logger.info("%s: kept %d of %d nodes in float to meet %s", self.name, len(found.keep), len(compute), target)
+        return found.keep
+
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
         modified = any(clean.get(k) for k in ("quantized_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
+
+
+SEARCH_SAMPLES, SEARCH_ROWS = 2, 16
+"""The search checks the budget on at most this many calibration samples of at most this many rows."""
+RANK_ROWS = 4
+"""Rows of the first calibration sample the per-node sensitivity ranking runs on."""
+
+
+def _rows(samples: list, count: int, rows: int, model: ir.Model) -> list:
+    """The first ``count`` samples cut to ``rows`` along the batch axis: only when every input's first
+    dim is dynamic in the model and the same in the sample (else the sample stays whole)."""
+    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
+    out = []
+    for s in samples[:count]:
+        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
+        out.append({k: v[:rows] for k, v in s.items()} if dynamic and len(firsts) == 1 and None not in firsts else dict(s))
+    return out
+
+
+def _mask_nodes(model: ir.Model, plan: Plan, masks: set[str], replan) -> set[int]:  # noqa: ANN001
+    """Compute nodes kept float so that no mask-like tensor (or one sharing its scale) gets a Q."""
+    keep: set[int] = set()
+    while True:
+        p = replan(keep)
+        more = touching(model, p, masks & set(p.groups)) - keep
+        if not more:
+            return keep
+        keep |= more
 
 
 __all__ = ["QuantizeStatic", "output_sqnr"]

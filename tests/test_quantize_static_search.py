@@ -1,0 +1,200 @@
+"""quantize-static's budget-driven search and mask handling: the most harmful layer stays float, the
+budget (default or overridden) is met at ORT's deploy level, a model within budget is quantized whole,
+and attention-mask ranges never get a Q."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import assert_valid, outputs
+from test_quantize_weights import _optimized_ops
+
+from graphopt.metrics import Tolerance, compare_outputs
+from graphopt.passbase import Calibration
+from graphopt.passes._calibrate import mask_like
+from graphopt.passes._qsearch import tightened
+from graphopt.passes.quantize_static import QuantizeStatic
+
+
+def _mlp(outlier: float) -> ir.Model:
+    """x[n,16] -> Gemm1 -> Relu -> Gemm2 -> Gemm3 -> y[n,8]. With ``outlier`` > 1, Gemm2's
+    output channel 0 is scaled up by it and Gemm3's matching weight row down: the same function,
+    but the tensor Gemm3 reads spans a range ~``outlier`` times its other channels' (an outlier channel)."""
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = ((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for s in ((16, 32), (32, 32), (32, 8)))
+    b1, b2, b3 = ((rng.standard_normal(n) * 0.1).astype(np.float32) for n in (32, 32, 8))
+    w2[:, 0] *= outlier
+    b2[0] *= outlier
+    w3[0, :] /= outlier
+    inits = {n: ir.Value(name=n, const_value=ir.tensor(a)) for n, a in dict(w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3).items()}
+    x = ir.Value(name="x", shape=ir.Shape(["n", 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    nodes, h = [], x
+    for k in (1, 2, 3):
+        g = ir.node("Gemm", [h, inits[f"w{k}"], inits[f"b{k}"]], name=f"Gemm{k}")
+        g.outputs[0].name = f"h{k}"
+        nodes.append(g)
+        h = g.outputs[0]
+        if k == 1:  # no Relu after Gemm2: ORT fuses a float-output Gemm+Relu into FusedGemm before its QDQ fusions
+            r = ir.node("Relu", [h], name=f"Relu{k}")
+            r.outputs[0].name = f"r{k}"
+            nodes.append(r)
+            h = r.outputs[0]
+    y = ir.node("Identity", [h], name="out")
+    y.outputs[0].name = "y"
+    y.outputs[0].dtype = ir.DataType.FLOAT
+    y.outputs[0].shape = ir.Shape(["n", 8])
+    nodes.append(y)
+    graph = ir.Graph([x], [y.outputs[0]], nodes=nodes, initializers=list(inits.values()), opset_imports={"": 17}, name="mlp")
+    return ir.Model(graph, ir_version=8)
+
+
+def _data(seed: int = 1, n: int = 64) -> list[dict[str, np.ndarray]]:
+    return [{"x": np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)}]
+
+
+def _quantize(model: ir.Model, data: list, **options: object):  # noqa: ANN202
+    p = QuantizeStatic(**options)  # type: ignore[arg-type]
+    p.calibration = Calibration(tuple(data))
+    return p(model)
+
+
+def _sqnr(model: ir.Model, data: list, reference: list) -> float:
+    return min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, "deploy")))
+
+
+def test_search_keeps_exactly_the_outlier_layer_in_float() -> None:
+    model, data = _mlp(300.0), _data()
+    reference = outputs(model, data)
+    full = model.clone()
+    assert _quantize(full, data, search=False).stats["quantized_nodes"] == 3
+    assert _sqnr(full, data, reference) < 20.0  # all-int8 misses the default budget
+    result = _quantize(model, data)
+    float_layers = [r for r in result.layers if r["choice"] == "float"]
+    assert [r["name"] for r in float_layers] == ["Gemm3"] and float_layers[0]["reason"].startswith("sensitivity")
+    assert min(result.layers, key=lambda r: r["alone_sqnr_db"])["name"] == "Gemm3"  # ranked most harmful
+    assert result.stats["kept_float_sensitivity"] == 1 and result.stats["quantized_nodes"] == 2
+    assert result.stats["all_int8_sqnr_centi_db"] < 2000 <= result.stats["reached_sqnr_centi_db"] - 100  # budget + 1 dB margin
+    assert_valid(model)
+    assert _sqnr(model, data, reference) >= 21.0
+    assert _sqnr(model, _data(seed=7), outputs(model.clone(), _data(seed=7), "exact")) > 0  # runs on other inputs
+    ops = collections.Counter(_optimized_ops(model))
+    assert ops["QGemm"] == 2 and ops["Gemm"] == 1, ops  # still fused by ORT where quantized
+    assert not _quantize(model, data).modified  # idempotent
+
+
+def test_model_within_budget_is_quantized_whole() -> None:
+    model, data = _mlp(1.0), _data()
+    reference = outputs(model, data)
+    result = _quantize(model, data)
+    assert result.stats["quantized_nodes"] == 3 and "kept_float_sensitivity" not in result.stats
+    assert result.stats["search_runs"] == 1  # one check of the all-int8 model, no ranking
+    assert all(r["choice"] == "int8" for r in result.layers)
+    assert _sqnr(model, data, reference) >= 21.0
+    assert collections.Counter(_optimized_ops(model))["QGemm"] == 3
+
+
+@pytest.mark.parametrize(("options", "kept"), [({"budget_min_sqnr": -20.0, "budget_min_cosine": 0.0}, 0), ({"search": False}, 0)])
+def test_loose_budget_or_no_search_keeps_all_int8(options: dict, kept: int) -> None:
+    model, data = _mlp(300.0), _data()
+    result = _quantize(model, data, **options)
+    assert result.stats["quantized_nodes"] == 3 and result.stats.get("kept_float_sensitivity", 0) == kept
+
+
+def test_budget_override_is_the_search_target() -> None:
+    model, data = _mlp(1.0), _data()
+    reference = outputs(model, data)
+    whole = model.clone()
+    _quantize(whole, data)
+    floor = _sqnr(whole, data, reference) + 6.0  # out of reach of the all-int8 model
+    result = _quantize(model, data, budget_min_sqnr=floor)
+    assert 0 < result.stats["kept_float_sensitivity"] <= 3
+    assert _sqnr(model, data, reference) >= floor + 1.0
+    assert tightened(Tolerance(min_sqnr_db=20.0, min_cosine=0.99), 1.0) == pytest.approx(Tolerance(min_sqnr_db=21.0, min_cosine=1 - 0.01 / 10**0.1))  # type: ignore[arg-type]
+
+
+def _attention() -> ir.Model:
+    """scores = x @ W + (1 - mask) * finfo.min; y = Softmax(scores) @ x: the mask Add reads two activations."""
+    from conftest import from_text
+
+    rng = np.random.default_rng(0)
+    w = ", ".join(f"{v:.4f}" for v in rng.standard_normal(16 * 8) * 0.3)
+    return from_text(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[b, 8, 16] x, int64[b, 8] mask) => (float[b, 8, 16] y) <float[16, 8] w = {{{w}}}, float one = {{1.0}}, float big = {{-3.4028234e38}}, int64[1] ax = {{1}}> {{
+            s = MatMul(x, w)
+            mf = Cast<to = 1>(mask)
+            inv = Sub(one, mf)
+            neg = Mul(inv, big)
+            m3 = Unsqueeze(neg, ax)
+            a = Add(s, m3)
+            p = Softmax<axis = -1>(a)
+            y = MatMul(p, x)
+        }}""")
+
+
+def test_mask_add_stays_float_and_the_rest_is_quantized() -> None:
+    model = _attention()
+    rng = np.random.default_rng(3)
+    mask = np.ones((16, 8), np.int64)
+    mask[:, 5:] = 0
+    data = [{"x": rng.standard_normal((16, 8, 16)).astype(np.float32), "mask": mask}]
+    reference = outputs(model, data)
+    result = _quantize(model, data)
+    by_op = {r["op"]: r for r in result.layers}
+    assert by_op["Add"]["choice"] == "float" and by_op["Add"]["reason"] == "mask_range"
+    assert result.stats["kept_float_mask_range"] == 1 and result.stats["quantized_nodes"] == 2
+    assert "kept_float_sensitivity" not in result.stats  # the two MatMuls alone meet the budget
+    assert_valid(model)
+    assert _sqnr(model, data, reference) >= 21.0
+
+
+def test_mask_like_ranges() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(1000).astype(np.float32) * 5
+    for big in (np.finfo(np.float32).min, -1e4, -1e9, -np.inf):
+        masked = scores.copy()
+        masked[::3] = big
+        assert mask_like([masked]), big
+    assert not mask_like([scores])
+    assert not mask_like([np.concatenate([rng.uniform(0.5, 1.0, 900), np.full(100, 1e-12)]).astype(np.float32)])  # a sigmoid's tail
+    assert mask_like([np.concatenate([scores, [3e4]]).astype(np.float32)])  # one far outlier sets the range: the same harm
+    assert not mask_like([rng.uniform(0, 6e4, 1000).astype(np.float32)])  # raw 16-bit data: big but no gap
+
+
+def test_time_bounded_ranking_still_meets_the_budget() -> None:
+    model, data = _mlp(300.0), _data()
+    reference = outputs(model, data)
+    result = _quantize(model, data, search_seconds=0.0)  # no node ranked: bisection and refinement on graph order
+    assert result.stats["search_unranked"] == 3
+    assert 1 <= result.stats["kept_float_sensitivity"] <= 2
+    assert next(r for r in result.layers if r["name"] == "Gemm3")["choice"] == "float"
+    assert _sqnr(model, data, reference) >= 21.0
+
+
+def test_runner_budget_and_tolerance_drive_the_search() -> None:
+    import graphopt
+
+    data = _data()
+    strict_db = 35.0  # all-int8 gets about 33.5 dB here
+    cases = (({}, "quantize-static"), ({"tolerance": Tolerance(min_sqnr_db=20.0)}, "quantize-static{budget-min-sqnr=35}"), ({"tolerance": Tolerance(min_sqnr_db=strict_db)}, "quantize-static"))
+    for kwargs, pipeline in cases:
+        model, report = graphopt.optimize(_mlp(1.0), pipeline, inputs=data, calibration=data, **kwargs)  # on_violation=fail: must meet it
+        record = next(r for r in report.records if r.name == "quantize-static")
+        assert record.verdict == "ok"
+        strict = kwargs.get("tolerance") == Tolerance(min_sqnr_db=strict_db) or "budget" in pipeline
+        assert (record.stats.get("kept_float_sensitivity", 0) > 0) == bool(strict), (pipeline, record.stats)
+        assert min(e.sqnr_db for e in record.deploy) >= (strict_db if strict else 20.0)
+        assert_valid(model)
+
+
+def test_search_rows_cut_only_along_a_dynamic_batch() -> None:
+    from graphopt.passes.quantize_static import _rows
+
+    dynamic, data = _mlp(1.0), [{"x": np.zeros((40, 16), np.float32)}]
+    assert _rows(data, 1, 4, dynamic)[0]["x"].shape == (4, 16)
+    fixed = _mlp(1.0)
+    fixed.graph.inputs[0].shape = ir.Shape([40, 16])
+    assert _rows(data, 1, 4, fixed)[0]["x"].shape == (40, 16)
