@@ -1,4 +1,4 @@
-"""Quantization side by side: graphopt's quantize-weights / quantize-static against
+"""Quantization side by side: graphopt's quantize-weights / quantize-dynamic / quantize-static against
 onnxruntime.quantization (quantize_dynamic, quantize_static QDQ per-channel on and off,
 MatMulNBitsQuantizer 4-bit) on the trained models in models/, in one run.
 
@@ -41,10 +41,11 @@ OURS = {
     "graphopt int8 weights blocked": "quantize-weights{blocked=true}",
     "graphopt int4 weights": "quantize-weights{bits=4}",
     "graphopt int4 weights gptq": "quantize-weights{bits=4,rounding=gptq}",
+    "graphopt dynamic int8": "quantize-dynamic",
     "graphopt static int8": "quantize-static",
     "graphopt static int8 latency-aware": "quantize-static{latency-aware=true}",
 }
-QUICK_OURS = ["graphopt int8 weights", "graphopt int4 weights", "graphopt static int8"]
+QUICK_OURS = ["graphopt int8 weights", "graphopt int4 weights", "graphopt dynamic int8", "graphopt static int8"]
 THEIRS = ["ort dynamic int8", "ort static int8 (per-tensor)", "ort static int8 (per-channel)", "ort MatMulNBits 4-bit"]
 
 

@@ -66,6 +66,7 @@ class QuantizeWeights(GraphPass):
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
+    min_fan_in: int = option(32, "4 bits: leave convs whose output channels each sum fewer weights than this in float (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
     per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
 
     def budget(self, default: Tolerance | None = None) -> Tolerance:
@@ -151,6 +152,8 @@ class QuantizeWeights(GraphPass):
                 stats["excluded"] += 1
             elif int(np.prod(layer.shape)) < self.min_elements:
                 stats["too_small"] += 1
+            elif self.bits == 4 and layer.kind == "conv" and int(np.prod(layer.shape[1:])) < self.min_fan_in:
+                stats["small_fan_in"] += 1
             elif not self._saves_bytes(layer):
                 stats["not_smaller"] += 1
             elif layer.weight.is_graph_output() or layer.weight.is_graph_input():

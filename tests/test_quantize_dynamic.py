@@ -1,0 +1,240 @@
+"""quantize-dynamic: the fused layout (ORT's optimized graph), per-channel axes, Gather tables,
+the sensitivity search, opsets, idempotence and what must be left alone."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import assert_valid, feeds, from_text, outputs
+
+import graphopt
+from graphopt.edit import constant_array, onnx_opset
+from graphopt.metrics import compare_outputs
+from graphopt.passbase import Calibration
+from graphopt.passes import quantize_dynamic as qd
+from graphopt.passes.quantize_dynamic import QuantizeDynamic
+
+RNG = np.random.default_rng(0)
+
+
+def _mlp(*, opset: int = 17, k: int = 128, n: int = 96, gemm: bool = False, trans_b: int = 0, scales: np.ndarray | None = None) -> ir.Model:
+    """x[B, K] -> MatMul/Gemm(constant W) -> Relu -> MatMul(constant W2) -> y. ``scales`` multiplies
+    the first layer's output channels (to tell a per-channel axis from the wrong one)."""
+    h, T = onnx.helper, onnx.TensorProto
+    w = (RNG.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    if scales is not None:
+        w = (w * scales[None, :]).astype(np.float32)
+    w2 = (RNG.standard_normal((n, 64)) / np.sqrt(n)).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(w2, "w2"), onnx.numpy_helper.from_array(b, "b")]
+    if gemm:
+        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(w.T) if trans_b else w, "w"))
+        first = [h.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc1", transB=trans_b, alpha=0.5, beta=2.0)]
+    else:
+        inits.append(onnx.numpy_helper.from_array(w, "w"))
+        first = [h.make_node("MatMul", ["x", "w"], ["m"], name="fc1"), h.make_node("Add", ["b", "m"], ["h"], name="bias1")]
+    nodes = [*first, h.make_node("Relu", ["h"], ["r"]), h.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["B", k])], [h.make_tensor_value_info("y", T.FLOAT, ["B", 64])], inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    proto.ir_version = 7
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.from_proto(proto)
+
+
+def _run(model: ir.Model, samples: list | None = None, **options: object) -> tuple[ir.Model, object]:
+    p = QuantizeDynamic(**options)  # type: ignore[arg-type]
+    p.calibration = Calibration(tuple(samples)) if samples else None
+    result = p(model)
+    return result.model, result
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def _optimized_ops(model: ir.Model) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_layout_fuses_in_onnxruntime_and_stays_close() -> None:
+    model = _mlp()
+    data = feeds(model, samples=4, spec=None)
+    reference = outputs(model, data)
+    out, result = _run(model.clone(), data, search=False)
+    assert result.modified and result.stats["dynamic_matmuls"] == 2 and result.stats["bias_add_swapped"] == 1
+    assert_valid(out)
+    ops = _ops(out)
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    mmi = [n for n in out.graph if n.op_type == "MatMulInteger"]
+    assert all(len(n.inputs) == 3 for n in mmi)  # symmetric int8 weights: no weight zero point
+    assert all(n.inputs[1].const_value.dtype == ir.DataType.INT8 for n in mmi)
+    add = next(n for n in out.graph if n.op_type == "Add")
+    assert constant_array(add.inputs[1]) is not None  # bias second: ORT folds it into the fused op
+    optimized = _optimized_ops(out)
+    assert "DynamicQuantizeMatMul" in optimized and "MatMulInteger" not in optimized and "Add" not in optimized
+    for level in ("exact", "deploy"):
+        (err,) = compare_outputs(reference, outputs(out, data, level))
+        assert err.sqnr_db > 30 and err.cosine > 0.999, (level, err)
+    assert [r["choice"] for r in result.layers] == ["int8 dynamic"] * 2
+
+
+def test_shared_input_gets_one_dynamic_quantize_and_fuses_to_matmul_integer_to_float() -> None:
+    model = from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, 64] x) => (float[B, 64] y) <float[64, 64] wa = {%s}, float[64, 64] wb = {%s}> {
+            a = MatMul(x, wa)
+            b = MatMul(x, wb)
+            y = Add(a, b)
+        }""" % (",".join(map(str, RNG.standard_normal(4096).round(3))), ",".join(map(str, RNG.standard_normal(4096).round(3)))))
+    out, result = _run(model, feeds(model), search=False)
+    assert result.stats["dynamic_quantize_linear"] == 1 and result.stats["dynamic_matmuls"] == 2
+    assert _optimized_ops(out).count("MatMulIntegerToFloat") == 2
+
+
+@pytest.mark.parametrize("gemm,trans_b", [(False, 0), (True, 0), (True, 1)])
+def test_per_channel_scales_follow_output_columns(gemm: bool, trans_b: int) -> None:
+    """Output channels scaled 1e-3..1: per-column scales keep the small ones accurate; a scale
+    along the wrong axis (or per tensor) would zero them."""
+    col = np.geomspace(1e-3, 1.0, 96).astype(np.float32)
+    model = _mlp(gemm=gemm, trans_b=trans_b, scales=col)
+    w = model.graph.initializers["w"].const_value.numpy()
+    w_kn = w.T if trans_b else w
+    bias = model.graph.initializers["b"].const_value.numpy() * (2.0 if gemm else 1.0)
+    out, result = _run(model.clone(), feeds(model), search=False, ops=["MatMul", "Gemm"])
+    first = next(n for n in out.graph if n.op_type == "MatMulInteger")
+    q = first.inputs[1].const_value.numpy()
+    scale_mul = next(n for n in out.graph if n.op_type == "Mul" and n.inputs[1] is not None and n.inputs[1].const_value is not None and n.inputs[1].const_value.numpy().shape == (96,))
+    s = scale_mul.inputs[1].const_value.numpy()
+    alpha = 0.5 if gemm else 1.0
+    np.testing.assert_allclose(s, np.abs(w_kn).max(axis=0) / 127 * alpha, rtol=1e-6)
+    assert q.shape == (128, 96) and np.abs(q).max(axis=0).min() == 127  # every column uses the full range
+    # the first layer's output alone, at ORT's deploy level, per column
+    probe = out.clone()
+    h = next(n for n in probe.graph if n.op_type == "Relu").inputs[0]
+    probe.graph.outputs.append(h)
+    ref_probe = model.clone()
+    ref_probe.graph.outputs.append(next(n for n in ref_probe.graph if n.op_type == "Relu").inputs[0])
+    data = feeds(model, samples=8)
+    got, ref = outputs(probe, data, "deploy"), outputs(ref_probe, data)
+    hn = h.name
+    d = np.concatenate([g[hn] - r[hn] for g, r in zip(got, ref)])
+    b_term = np.concatenate([r[hn] for r in ref])
+    rel = np.linalg.norm(d, axis=0) / np.linalg.norm(b_term - bias, axis=0)  # per column; 1.0 where the weights rounded to 0
+    assert rel.max() < 0.05, rel.max()
+
+
+def test_gather_table_weight_only_per_row() -> None:
+    table = (RNG.standard_normal((300, 64)) * np.geomspace(1e-2, 10, 300)[:, None]).astype(np.float32)
+    h, T = onnx.helper, onnx.TensorProto
+    graph = h.make_graph([h.make_node("Gather", ["emb", "ids"], ["y"])], "g", [h.make_tensor_value_info("ids", T.INT64, [2, 5])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [2, 5, 64])], [onnx.numpy_helper.from_array(table, "emb")])  # fmt: skip
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model = ir.from_proto(proto)
+    data = [{"ids": np.array([[0, 1, 2, 3, 299], [7, 7, 150, 298, 0]], np.int64)}]
+    out, result = _run(model, data)
+    assert result.stats["gather_weight_only"] == 1 and "emb" not in out.graph.initializers
+    assert_valid(out)
+    assert sorted(_ops(out)) == ["Cast", "Gather", "Gather", "Mul"]
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127
+    expected = (np.clip(np.rint(table / scale), -127, 127) * scale.astype(np.float32)).astype(np.float32)[data[0]["ids"]]
+    for level in ("exact", "deploy"):
+        np.testing.assert_array_equal(outputs(out, data, level)[0]["y"], expected)
+
+
+def _outlier_model() -> ir.Model:
+    """y = x @ Wa + (x * c) @ Wb, c has one entry 1e4 whose Wb row is 0: run-time quantization
+    of x * c (one range for the whole tensor) wipes out every other feature of the second MatMul."""
+    h, T = onnx.helper, onnx.TensorProto
+    c = np.ones(128, np.float32)
+    c[5] = 1e4
+    wb = RNG.standard_normal((128, 64)).astype(np.float32)
+    wb[5] = 0
+    inits = [onnx.numpy_helper.from_array(RNG.standard_normal((128, 64)).astype(np.float32), "wa"), onnx.numpy_helper.from_array(wb, "wb"),
+             onnx.numpy_helper.from_array(c, "c")]  # fmt: skip
+    nodes = [h.make_node("MatMul", ["x", "wa"], ["a"], name="plain"), h.make_node("Mul", ["x", "c"], ["xc"]),
+             h.make_node("MatMul", ["xc", "wb"], ["b"], name="outlier"), h.make_node("Add", ["a", "b"], ["y"])]  # fmt: skip
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["B", 128])], [h.make_tensor_value_info("y", T.FLOAT, ["B", 64])], inits)
+    return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_search_keeps_the_harmful_matmul_in_float() -> None:
+    model = _outlier_model()
+    data = feeds(model, samples=3)
+    reference = outputs(model, data)
+    out, result = _run(model.clone(), data)
+    assert result.stats["kept_float"] == 1 and result.stats["dynamic_matmuls"] == 1
+    choices = {r["name"]: r["choice"] for r in result.layers}
+    assert choices == {"plain": "int8 dynamic", "outlier": "float"}
+    assert [n.name for n in out.graph if n.op_type == "MatMul"] == ["outlier"]
+    (err,) = compare_outputs(reference, outputs(out, data, "deploy"))
+    assert err.sqnr_db >= 21
+    _, blind = _run(model.clone(), data, search=False)
+    assert blind.stats["dynamic_matmuls"] == 2 and "kept_float" not in blind.stats
+
+
+def test_through_the_runner_with_its_budget() -> None:
+    model = _outlier_model()
+    data = feeds(model, samples=3)
+    out, report = graphopt.optimize(model, "quantize-dynamic", inputs=data, calibration=data)
+    (record,) = report.records
+    assert record.verdict == "ok" and record.stats["dynamic_matmuls"] == 1
+
+
+def test_idempotent_and_already_quantized_left_alone() -> None:
+    model = _mlp()
+    data = feeds(model)
+    out, _ = _run(model, data, search=False)
+    again, result = _run(out, data)
+    assert not result.modified and result.stats == {"already_quantized": 1}
+    assert _ops(again) == _ops(out)
+
+
+def test_non_constant_weights_and_small_weights_left_alone() -> None:
+    model = from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, 8] x, float[8, 4] w) => (float[B, 4] y, float[B, 4] z) <float[8, 4] small = {%s}> {
+            y = MatMul(x, w)
+            z = MatMul(x, small)
+        }""" % ",".join(["0.5"] * 32))
+    out, result = _run(model, feeds(model))
+    assert not result.modified and result.stats == {"non_constant_weight": 1, "too_small": 1}
+    assert _ops(out) == ["MatMul", "MatMul"]
+
+
+def test_old_opset_is_converted() -> None:
+    model = _mlp(opset=9)
+    data = feeds(model)
+    reference = outputs(model, data)
+    out, result = _run(model, data, search=False)
+    assert result.stats["opset_upgraded_to"] == 11 and onnx_opset(out) == 11 and "DynamicQuantizeLinear" in _ops(out)
+    assert_valid(out)
+    (err,) = compare_outputs(reference, outputs(out, data, "deploy"))
+    assert err.sqnr_db > 30
+
+
+def test_opset_onnxruntime_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert qd.ort_runs_dynamic(17)
+    monkeypatch.setattr(qd, "ort_runs_dynamic", lambda opset: False)
+    model = _mlp()
+    out, result = _run(model, feeds(model))
+    assert not result.modified and result.stats["skipped_ort_opset"] == 2 and "MatMul" in _ops(out)
+
+
+def test_convolutions_are_left_alone() -> None:
+    h, T = onnx.helper, onnx.TensorProto
+    w = onnx.numpy_helper.from_array(RNG.standard_normal((64, 64, 3, 3)).astype(np.float32), "w")
+    graph = h.make_graph([h.make_node("Conv", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 64, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    out, result = _run(model, feeds(model))
+    assert not result.modified and _ops(out) == ["Conv"]
