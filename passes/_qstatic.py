@@ -14,6 +14,11 @@ Rules (each one what ORT's QDQ selectors need on x86):
   with float output); graph outputs stay float;
 - ``Relu`` right after a compute node is absorbed: the Q covers the Relu output's range, which
   starts at 0, so its zero point is qmin and saturation does the Relu (exact, as ORT's own tool);
+  so is a ``Clip`` with constant bounds ``lo <= 0 <= hi`` (ReLU6 of MobileNet/EfficientNet): the Q
+  covers the Clip output's calibrated range ``[a, b]`` within the bounds and saturates where the
+  Clip would, exactly as the Q that quantizes the Clip's output would have. (A Clip whose range
+  excludes 0, e.g. ``Clip(1, 5)``, is not: the Q's range must include 0.) Measured on
+  EfficientNet-Lite0: a ReLU6 left in float between DQ and Q cost the stem conv alone 4.6 dB.
 - data-movement nodes (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool, Dropout, Identity)
   share their input's scale, so ORT drops their Q/DQ and runs them on int8.
 """
@@ -150,7 +155,7 @@ def make_plan(model: ir.Model, ops: Sequence[str], exclude: Sequence[str], keep_
     computed = set(compute)
     absorbed = {}
     for i, node in enumerate(nodes):
-        if is_onnx_op(node, "Relu"):
+        if is_onnx_op(node, "Relu") or _is_zero_clip(node):
             x = node.inputs[0]
             p = x.producer() if x is not None else None
             if p is not None and index.get(id(p)) in computed and len(x.uses()) == 1 and not x.is_graph_output() and not node.outputs[0].is_graph_output():
@@ -173,6 +178,24 @@ def make_plan(model: ir.Model, ops: Sequence[str], exclude: Sequence[str], keep_
     # a Relu is absorbed only where its output really gets a Q (the Q's saturation does the Relu)
     absorbed = {r: p for r, p in absorbed.items() if nodes[r].outputs[0].name in groups}
     return Plan(compute, absorbed, list(dict.fromkeys(groups)), groups, skipped)
+
+
+def _is_zero_clip(node: ir.Node) -> bool:
+    """A Clip with constant bounds around 0 (missing bounds are infinite), so a Q can absorb it."""
+    if not is_onnx_op(node, "Clip"):
+        return False
+    bounds = []
+    for k, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if attr in node.attributes:  # opset < 11
+            bounds.append(node.attributes.get_float(attr))
+        elif len(node.inputs) > k and node.inputs[k] is not None:
+            value = constant_array(node.inputs[k])
+            if value is None or value.size != 1:
+                return False
+            bounds.append(float(value.reshape(())))
+        else:
+            bounds.append(default)
+    return bounds[0] <= 0.0 <= bounds[1]
 
 
 def _why_not(node: ir.Node, exclude: Sequence[str], floats: dict[str, int | None]) -> str | None:
@@ -288,13 +311,16 @@ def apply_plan(
     graph = model.graph
     nodes = list(graph)
     names = NameSet(model)
-    for r, p in plan.absorbed.items():  # the Q after the producer will do the Relu
+    for r, p in plan.absorbed.items():  # the Q after the producer will do the Relu/Clip
         relu, x = nodes[r], nodes[p].outputs[0]
         y = relu.outputs[0]
         name = y.name
+        bounds = [v for v in relu.inputs[1:] if v is not None]
         y.replace_all_uses_with(x)
         graph.remove(relu, safe=True)
         y.name, x.name = None, name
+        for v in bounds:
+            drop_if_unused(v)
     values = {v.name: v for v in graph.inputs}
     for node in graph:
         values.update({v.name: v for v in node.outputs if v.name})

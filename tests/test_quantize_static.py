@@ -194,3 +194,33 @@ def test_generated_calibration_when_none() -> None:
     result = QuantizeStatic()(model)
     assert result.modified and result.stats["generated_calibration"] == 8
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+
+def _relu6_model(lo: float, hi: float, rng: np.random.Generator) -> ir.Model:
+    w1, w2 = (",".join(f"{v:.3f}" for v in rng.standard_normal(n)) for n in (72, 144))
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2, 6, 6] x) => (float[N, 4, 6, 6] y)
+    <float[4, 2, 3, 3] w = {{{w1}}}, float[4] b = {{0.5, -0.5, 0.1, 0}}, float lo = {{{lo}}}, float hi = {{{hi}}}, float[4, 4, 3, 3] w2 = {{{w2}}}> {{
+        c = Conv<pads = [1, 1, 1, 1]>(x, w, b)
+        r = Clip(c, lo, hi)
+        y = Conv<pads = [1, 1, 1, 1]>(r, w2)
+    }}"""
+    return ir.from_proto(onnx.parser.parse_model(text))
+
+
+@pytest.mark.parametrize(("lo", "hi", "absorbed"), [(0.0, 6.0, True), (-1.0, 1.0, True), (1.0, 5.0, False)], ids=["relu6", "around-zero", "excludes-zero"])
+def test_clip_with_bounds_around_zero_is_absorbed(lo: float, hi: float, absorbed: bool) -> None:
+    """The Q after the conv saturates where the Clip would (its range lies within the bounds and
+    includes 0); a Clip whose range excludes 0 stays."""
+    rng = np.random.default_rng(0)
+    model = _relu6_model(lo, hi, rng)
+    data = [{"x": rng.standard_normal((2, 2, 6, 6)).astype(np.float32) * 3} for _ in range(2)]
+    reference = outputs(model, data)
+    q = QuantizeStatic(search=False)
+    q.calibration = Calibration(tuple(data))
+    result = q(model)
+    assert_valid(model)
+    assert ("Clip" not in [n.op_type for n in model.graph]) is absorbed
+    assert result.stats.get("relu_absorbed", 0) == (1 if absorbed else 0)
+    assert compare_outputs(reference, outputs(model, data, "deploy"))[0].sqnr_db > 25
