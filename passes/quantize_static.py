@@ -37,7 +37,7 @@ from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
-from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
+from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import keep_float_search, output_sqnr, tightened, time_layers, whole_model_ms
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
@@ -114,6 +114,14 @@ class QuantizeStatic(GraphPass):
                 floats = float_tensors(model)
                 plan = make_plan(model, self.ops, self.exclude, set(), floats)
         qt = QTYPES[self.activation_type]
+        why, best = ort_qdq_gap(onnx_opset(model), qt.dtype, activations=True)
+        if not why:
+            why, best = ort_qdq_gap(onnx_opset(model), ir.DataType.INT8, layout="axis" if per_channel else "tensor")
+        if why:  # checked before anything is calibrated: nodes onnxruntime can't load would only be rolled back
+            logger.warning("%s: %s; nothing quantized", self.name, why)
+            stats["skipped_ort_opset"] += len(plan.compute)
+            stats["ort_qdq_max_opset"] = best
+            return self._result(model, stats, [])
         ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)

@@ -162,3 +162,23 @@ def test_breakdown_adds_up_to_the_file(tmp_path) -> None:
     parts = breakdown(tmp_path / "q.onnx")
     assert sum(parts.values()) == (tmp_path / "q.onnx").stat().st_size
     assert parts["quantized weight"] > parts["scale"] > 0 and parts["zero point"] > 0 and parts["bias"] > 0
+
+
+def test_static_at_newest_opset_is_refused_before_calibrating_or_runs() -> None:
+    from graphopt.passbase import Calibration
+    from graphopt.passes.quantize_static import QuantizeStatic
+
+    top = onnx.defs.onnx_opset_version()
+    model = _mlp([RNG.standard_normal((64, 32)).astype(np.float32)], opset=top)
+    data = feeds(model)
+    reference = outputs(model, data)
+    why, best = ort_qdq_gap(top, ir.DataType.UINT8, activations=True)
+    q = QuantizeStatic(search=False)
+    q.calibration = Calibration(tuple(data))
+    result = q(model)
+    if why:
+        assert result.stats["skipped_ort_opset"] >= 1 and result.stats["ort_qdq_max_opset"] == best
+        assert not _dqs(model) and onnx_opset(model) == top
+    else:  # a newer onnxruntime: quantized and runnable
+        assert result.modified
+        _runs_close(model, data, reference, 15.0)
