@@ -3,15 +3,13 @@ the sensitivity search, opsets, idempotence and what must be left alone."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from conftest import assert_valid, feeds, from_text, outputs
+from test_quantize_weights import _optimized_ops
 
 import graphopt
 from graphopt.edit import constant_array, onnx_opset
@@ -56,15 +54,6 @@ def _run(model: ir.Model, samples: list | None = None, **options: object) -> tup
 
 def _ops(model: ir.Model) -> list[str]:
     return [n.op_type for n in model.graph]
-
-
-def _optimized_ops(model: ir.Model) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def test_layout_fuses_in_onnxruntime_and_stays_close() -> None:
