@@ -3,7 +3,6 @@ the sensitivity search, opsets, idempotence and what must be left alone."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx_ir as ir
