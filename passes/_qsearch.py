@@ -1,4 +1,4 @@
-"""The two searches of quantize-static that decide which layers stay in float.
+"""The searches that decide which layers stay in float: quantize-static's two, and quantize-weights' sensitivity one.
 
 - sensitivity: when the all-int8 model misses the budget, quantize each compute node alone, rank by
   the output SQNR that costs, and bisect on how many of the most harmful to keep in float;
@@ -24,9 +24,11 @@ from graphopt.layers import as_linear_layer
 from graphopt.metrics import OutputError, Tolerance, compare_outputs, worst
 from graphopt.passes._qmath import QType
 from graphopt.passes._qstatic import WEIGHTED, Plan, apply_plan
+from graphopt.progress import track
 from graphopt.verify import make_session, run
 
-Build = Callable[[set[int] | None], tuple[ir.Model, Plan]]
+Build = Callable[[set[int] | None], tuple[ir.Model, Any]]
+"""``build(keep)``: the model with every node but ``keep`` quantized, and anything else (ignored here)."""
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ class _Evaluator:
 
 def keep_float_search(
     build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance,
-    seconds: float = float("inf"), weights: dict[int, int] | None = None,
+    seconds: float = float("inf"), weights: dict[int, int] | None = None, label: str = "quantize-static",
 ) -> Search:
     """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
 
@@ -87,7 +89,9 @@ def keep_float_search(
     back in int8 (least harmful first, a few tries), since the ranking ignores interactions.
     With ``weights`` (weight elements per node, 0 for Add/Mul/...), a second order puts weightless
     nodes first (they cost no size in float) and the result keeping fewer weights in float wins.
-    Nodes the ranking has not reached after ``seconds`` rank as harmless (last).
+    Nodes the ranking has not reached after ``seconds`` rank as harmless (last). ``compute`` holds
+    any stable keys ``build`` understands (node indices for quantize-static, layer indices for
+    quantize-weights); ``label`` names the pass in logs and on the progress bar.
     """
     check = _Evaluator(build, check_samples, target)
     ok, full = check(set())
@@ -96,37 +100,37 @@ def keep_float_search(
     rank = _Evaluator(build, rank_samples, target) if rank_samples is not check_samples else check
     alone: dict[int, float] = {}
     t0 = time.perf_counter()
-    for n, i in enumerate(compute):
+    for n, i in enumerate(track(compute, f"{label}: sensitivity")):
         if time.perf_counter() - t0 > seconds:
-            logger.warning("quantize-static: sensitivity ranking stopped after %.0f s at %d/%d nodes; the rest rank as harmless", seconds, n, len(compute))
+            logger.warning("%s: sensitivity ranking stopped after %.0f s at %d/%d nodes; the rest rank as harmless", label, seconds, n, len(compute))
             break
         w = rank(set(compute) - {i})[1]
         alone[i] = w.sqnr_db if w is not None else float("inf")
         if (n + 1) % 16 == 0 or n + 1 == len(compute):
-            logger.info("quantize-static: sensitivity %d/%d nodes (%.0f s)", n + 1, len(compute), time.perf_counter() - t0)
+            logger.info("%s: sensitivity %d/%d nodes (%.0f s)", label, n + 1, len(compute), time.perf_counter() - t0)
     harm = lambda i: (alone.get(i, float("inf")), i)  # noqa: E731
     orders = {"harm": sorted(compute, key=harm)}
     if weights and any(weights.get(i, 0) == 0 for i in compute) and any(weights.get(i, 0) for i in compute):
         orders["weightless first"] = sorted(compute, key=lambda i: (weights.get(i, 0) > 0, harm(i)))
     best: tuple[int, int, str, set[int], OutputError | None] | None = None
     for how, order in orders.items():
-        keep, reached = _bisect(check, order, alone)
+        keep, reached = _bisect(check, order, alone, label)
         cost = (sum(weights.get(i, 0) for i in keep) if weights else 0, len(keep))
-        logger.info("quantize-static: %s order keeps %d nodes (%d weight elements) in float", how, cost[1], cost[0])
+        logger.info("%s: %s order keeps %d nodes (%d weight elements) in float", label, how, cost[1], cost[0])
         if best is None or cost < best[:2]:
             best = (*cost, how, keep, reached)
     assert best is not None
     return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2])
 
 
-def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float]) -> tuple[set[int], OutputError | None]:
+def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str) -> tuple[set[int], OutputError | None]:
     """The shortest prefix of ``order`` kept in float that meets the target, then refined."""
     lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
     reached: OutputError | None = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ok, w = check(set(order[:mid]))
-        logger.info("quantize-static: %d of %d nodes in float -> worst SQNR %.2f dB (%s)", mid, len(order), w.sqnr_db if w else float("inf"), "meets" if ok else "misses")
+        logger.info("%s: %d of %d nodes in float -> worst SQNR %.2f dB (%s)", label, mid, len(order), w.sqnr_db if w else float("inf"), "meets" if ok else "misses")
         if ok:
             hi, reached = mid, w
         else:
@@ -142,6 +146,22 @@ def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float]) -> tup
 
 REFINE_TRIES = 4
 """Kept nodes tried back in int8 after the bisection."""
+
+SEARCH_SAMPLES, SEARCH_ROWS = 2, 16
+"""The searches check the budget on at most this many calibration samples of at most this many rows."""
+RANK_ROWS = 4
+"""Rows of the first calibration sample the per-node sensitivity ranking runs on."""
+
+
+def search_rows(samples: Sequence[Sample], count: int, rows: int, model: ir.Model) -> list[Sample]:
+    """The first ``count`` samples cut to ``rows`` along the batch axis: only when every input's first
+    dim is dynamic in the model and the same in the sample (else the sample stays whole)."""
+    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
+    out = []
+    for s in samples[:count]:
+        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
+        out.append({k: v[:rows] for k, v in s.items()} if dynamic and len(firsts) == 1 and None not in firsts else dict(s))
+    return out
 
 
 def time_layers(model: ir.Model, plan: Plan, params: dict, qt: QType, per_channel: bool, sample_shapes: dict[str, tuple[int, ...]], tag: str) -> dict[int, tuple[float, float]]:

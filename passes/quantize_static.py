@@ -39,7 +39,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import keep_float_search, output_sqnr, tightened, time_layers, whole_model_ms
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.verify import OrtFailure
@@ -185,12 +185,12 @@ class QuantizeStatic(GraphPass):
         """Nodes kept in float so the model meets the budget (plus margin) on the calibration data."""
         target = tightened(budget, self.margin, self.target_sqnr)
         model = build(None)[0]
-        check = _rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
-        rank = _rows(samples, 1, RANK_ROWS, model)
+        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
+        rank = search_rows(samples, 1, RANK_ROWS, model)
         nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
         try:
-            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights)
+            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights, self.name)
         except OrtFailure as e:  # e.g. no QuantizeLinear kernel at this opset: nothing to measure with here
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1
@@ -217,23 +217,6 @@ class QuantizeStatic(GraphPass):
         modified = any(clean.get(k) for k in ("quantized_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
-
-
-SEARCH_SAMPLES, SEARCH_ROWS = 2, 16
-"""The search checks the budget on at most this many calibration samples of at most this many rows."""
-RANK_ROWS = 4
-"""Rows of the first calibration sample the per-node sensitivity ranking runs on."""
-
-
-def _rows(samples: list, count: int, rows: int, model: ir.Model) -> list:
-    """The first ``count`` samples cut to ``rows`` along the batch axis: only when every input's first
-    dim is dynamic in the model and the same in the sample (else the sample stays whole)."""
-    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
-    out = []
-    for s in samples[:count]:
-        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
-        out.append({k: v[:rows] for k, v in s.items()} if dynamic and len(firsts) == 1 and None not in firsts else dict(s))
-    return out
 
 
 def _mask_nodes(model: ir.Model, plan: Plan, masks: set[str], replan) -> set[int]:  # noqa: ANN001

@@ -10,6 +10,11 @@ Layouts, all in the form onnxruntime fuses:
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
+
+When the all-quantized model misses the budget the runner will hold the pass to (plus ``margin``)
+on a few calibration rows at ORT's default level, a sensitivity search (``_qsearch``, shared with
+quantize-static) ranks layers by what quantizing each alone costs the output and keeps the fewest
+most harmful ones in float (``search=false``: quantize every candidate).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from graphopt.registry import register
 from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened
+from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,10 @@ class QuantizeWeights(GraphPass):
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
     min_fan_in: int = option(32, "4 bits: leave convs whose output channels each sum fewer weights than this in float (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
     per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
+    search: bool = option(True, "when the all-quantized model misses the budget, keep the most harmful layers in float until it meets it (with margin)")
+    target_sqnr: float | None = option(None, "SQNR (dB, calibration rows, deploy level) the search aims at instead of the budget's plus margin")
+    margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
+    search_seconds: float = option(120.0, "time limit of the search's per-layer ranking; layers it has not reached rank as harmless")
 
     def budget(self, default: Tolerance | None = None) -> Tolerance:
         own = self.tolerance if self.bits == 8 else TOLERANCE_4BIT
@@ -107,10 +118,34 @@ class QuantizeWeights(GraphPass):
                 stats["ort_qdq_max_opset"] = best
                 return self._result(model, stats, [])
         activations = self._activations(model, candidates)
+        groups = _weight_groups(candidates)
+        found: Search | None = None
+        budget = self.budget(self.default_budget)  # what the runner holds this pass to
+        if self.search and budget.is_set():
+            found = self._search(model, groups, per_tensor, activations, budget, stats)
+        keep = {k for k, g in enumerate(groups) if found is not None and g in found.keep}
+        layers = self._quantize_all(model, candidates, keep, per_tensor, activations, stats)
+        if found is not None:
+            for k, record in enumerate(layers):
+                if groups[k] in found.alone:
+                    record["alone_sqnr_db"] = round(found.alone[groups[k]], 2)
+                if k in keep:
+                    why = f"alone the output's SQNR is {found.alone[groups[k]]:.1f} dB" if groups[k] in found.alone else "not ranked in time"
+                    record.update(choice="float", reason=f"sensitivity: {why}")
+        return self._result(model, stats, layers)
+
+    def _quantize_all(self, model: ir.Model, candidates: list[LinearLayer], keep: set[int], per_tensor: bool,
+                      activations: dict[str, list[np.ndarray]], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
+        """Quantize every candidate but those at the positions in ``keep`` (recorded as float)."""
         names = NameSet(model)
         layers: list[dict[str, Any]] = []
         made: list[ir.Value] = []
-        for layer in candidates:
+        for k, layer in enumerate(candidates):
+            if k in keep:
+                w = layer.tensor
+                layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"})
+                stats["kept_float_sensitivity"] += 1
+                continue
             record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made)
             stats[record["choice"]] += 1
             if record.get("scales") == "per-tensor":
@@ -118,7 +153,45 @@ class QuantizeWeights(GraphPass):
             layers.append(record)
         for graph in {id(v.graph): v.graph for v in made if v.graph is not None}.values():
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
-        return self._result(model, stats, layers)
+        return layers
+
+    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, list[np.ndarray]], budget: Tolerance, stats: Counter[str]) -> Search | None:
+        """Layers (keys: first candidate position of each weight) kept in float so the model meets the
+        budget plus ``margin`` on a few calibration rows (``_qsearch.keep_float_search``)."""
+        samples = list(self.calibration.samples) if self.calibration else None
+        if not samples:
+            from graphopt.data import generate
+
+            samples = generate(model, samples=1, seed=1)
+            stats["generated_calibration"] = len(samples)
+
+        def build(keep: set[int] | None) -> tuple[ir.Model, None]:
+            if keep is None:
+                return model, None
+            m = model.clone()
+            self._quantize_all(m, self._candidates(m, Counter()), {k for k, g in enumerate(groups) if g in keep}, per_tensor, activations, Counter())
+            return m, None
+
+        keys = sorted(set(groups))
+        first = self._candidates(model, Counter())  # the same list in the same order: build relies on it
+        weights = {g: int(np.prod(first[g].shape)) for g in keys}
+        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
+        rank = search_rows(samples, 1, RANK_ROWS, model)
+        target = tightened(budget, self.margin, self.target_sqnr)
+        try:
+            found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name)
+        except OrtFailure as e:
+            logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
+            stats["search_skipped_ort_failure"] = 1
+            return None
+        stats["search_runs"] = found.runs
+        stats["search_unranked"] = found.unranked
+        for key, e in (("all_quantized", found.full), ("reached", found.reached)):
+            if e is not None and np.isfinite(e.sqnr_db):
+                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        if found.keep:
+            logger.info("%s: kept %d of %d layers in float to meet %s", self.name, len(found.keep), len(keys), target)
+        return found
 
     def _check_options(self) -> None:
         if self.bits not in (4, 8):
@@ -238,6 +311,13 @@ class QuantizeWeights(GraphPass):
         if layer.kind == "conv":
             return 0, 0  # per output channel; blocks would cut kernels apart
         return layer.reduction_axes[0], self.block_size
+
+
+def _weight_groups(candidates: list[LinearLayer]) -> list[int]:
+    """Per candidate, the position of the first candidate reading the same weight: layers sharing a
+    weight stay in float or get quantized together."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(layer.weight), k) for k, layer in enumerate(candidates)]
 
 
 def _bytes(qw: QuantizedWeight) -> int:

@@ -191,7 +191,7 @@ def test_runner_budget_and_tolerance_drive_the_search() -> None:
 
 
 def test_search_rows_cut_only_along_a_dynamic_batch() -> None:
-    from graphopt.passes.quantize_static import _rows
+    from graphopt.passes._qsearch import search_rows as _rows
 
     dynamic, data = _mlp(1.0), [{"x": np.zeros((40, 16), np.float32)}]
     assert _rows(data, 1, 4, dynamic)[0]["x"].shape == (4, 16)
