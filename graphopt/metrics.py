@@ -163,9 +163,15 @@ def task_accuracy(outputs: Sequence[Mapping[str, np.ndarray]], labels: np.ndarra
         got = np.concatenate(parts)
         if got.dtype.kind in "iub" and got.shape == labels.shape:
             return TaskAccuracy(name, float(np.mean(got == labels)))
-        if got.dtype.kind == "f" and got.shape[:-1] == labels.shape and got.shape[-1] > 1:
+        if got.dtype.kind == "f" and got.shape[:-1] == labels.shape and got.shape[-1] > 1 and _class_indices(labels, got.shape[-1]):
             return TaskAccuracy(name, float(np.mean(got.argmax(-1) == labels)))
     return None
+
+
+def _class_indices(labels: np.ndarray, classes: int) -> bool:
+    """Labels that can be argmax classes of ``classes`` scores (integers in [0, classes)); other
+    labels (e.g. -1 for "no partner" in a retrieval task) are not a classifier's."""
+    return labels.dtype.kind in "iu" and labels.size > 0 and int(labels.min()) >= 0 and int(labels.max()) < classes
 
 
 def worst(errors: Sequence[OutputError]) -> OutputError | None:

@@ -22,13 +22,12 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.edit import NameSet, onnx_opset
-from graphopt.metrics import Tolerance, compare_outputs
+from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
-from graphopt.progress import track
 from graphopt.registry import register
-from graphopt.verify import run
 from graphopt.passes._qdynamic import MIN_OPSET, Candidate, apply, find_candidates, ort_runs_dynamic
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_rows, tightened
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class QuantizeDynamic(GraphPass):
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) kept in float")
     min_elements: int = option(4096, "leave weights with fewer elements in float (run-time quantization costs more than it saves there)")
     search: bool = option(True, "keep the most harmful MatMuls in float until the calibration outputs meet the budget plus the margin")
-    margin_db: float = option(1.0, "search margin over the budget's SQNR floor (dB); the cosine margin is half the allowed 1 - cosine")
+    margin_db: float = option(1.0, "search head room over the budget (dB; on 1 - cosine as a power ratio), for samples other than the calibration ones")
     target_sqnr: float | None = option(None, "search target SQNR in dB (default: the budget's floor plus the margin)")
 
     def call(self, model: ir.Model) -> PassResult:
@@ -95,64 +94,34 @@ class QuantizeDynamic(GraphPass):
         stats["kept_float"] = len(keep)
         return self._result(model, stats, [records[c.index] for c in candidates])
 
-    def _targets(self) -> tuple[float | None, float | None]:
-        """(SQNR, cosine) the search aims at: the budget's floors with a margin (the class default
-        when the budget is a task-accuracy drop only: a proxy for what the runner will check)."""
-        tol = self.budget()
-        if tol.min_sqnr_db is None and tol.min_cosine is None:
-            tol = self.tolerance
-        sqnr = self.target_sqnr if self.target_sqnr is not None else (tol.min_sqnr_db + self.margin_db if tol.min_sqnr_db is not None else None)
-        cosine = 1.0 - (1.0 - tol.min_cosine) / 2 if tol.min_cosine is not None else None
-        return sqnr, cosine
-
     def _search(self, model: ir.Model, candidates: list[Candidate], samples: list, records: dict[int, dict[str, Any]], stats: Counter[str]) -> set[int]:
-        """Indices of the candidates to keep in float: quantize each alone, rank by the output SQNR
-        that costs, then the shortest most-harmful-first prefix kept in float that meets the target
-        (bisection: the error grows with what is quantized)."""
-        sqnr_target, cos_target = self._targets()
-        reference = run(model, samples, "exact")
+        """Indices of the candidates to keep in float: the fewest, most harmful ones for the model to
+        meet the budget plus ``margin-db`` on a few calibration rows (``_qsearch.keep_float_search``,
+        shared with quantize-static and quantize-weights). A task-accuracy-only budget can't be
+        checked on unlabelled calibration data: the class default stands in for it."""
+        budget = self.budget(self.default_budget)
+        if budget.min_sqnr_db is None and budget.min_cosine is None:
+            budget = self.tolerance.merged(budget)
 
-        def score(quantized: list[Candidate]) -> tuple[float, float]:
+        def build(keep: set[int] | None) -> tuple[ir.Model, None]:
+            if keep is None:
+                return model, None
             m = model.clone()
-            apply(m, quantized, self.name)
-            errors = compare_outputs(reference, run(m, samples, "deploy"))
-            return min((e.sqnr_db for e in errors), default=math.inf), min((e.cosine for e in errors), default=1.0)
+            apply(m, [c for c in candidates if c.index not in keep], self.name)
+            return m, None
 
-        def ok(s: tuple[float, float]) -> bool:
-            return (sqnr_target is None or s[0] >= sqnr_target) and (cos_target is None or s[1] >= cos_target)
-
-        full = score(candidates)
-        stats["search_runs"] += 1
-        self._note(stats, "all_int8", full)
-        if ok(full):
-            return set()
-        alone = {}
-        for c in track(candidates, f"{self.name}: sensitivity"):
-            alone[c.index] = score([c])
-            records[c.index]["alone_sqnr_db"] = round(alone[c.index][0], 2)
-        stats["search_runs"] += len(candidates)
-        order = sorted(candidates, key=lambda c: alone[c.index])
-        lo, hi = 0, len(order)  # keeping order[:hi] in float meets the target (nothing quantized does)
-        best = (math.inf, 1.0)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            s = score(order[mid:])
-            stats["search_runs"] += 1
-            if ok(s):
-                hi, best = mid, s
-            else:
-                lo = mid + 1
-        keep = {c.index for c in order[:hi]}
-        self._note(stats, "reached", best)
-        for i in keep:
+        target = tightened(budget, self.margin_db, self.target_sqnr)
+        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
+        found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, 1, RANK_ROWS, model), check, target, label=self.name)
+        stats["search_runs"] += found.runs
+        for key, e in (("all_int8", found.full), ("reached", found.reached)):
+            if e is not None and math.isfinite(e.sqnr_db):
+                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        for i, sqnr in found.alone.items():
+            records[i]["alone_sqnr_db"] = round(sqnr, 2)
+        for i in found.keep:
             records[i].update(choice="float", reason="sensitivity")
-        return keep
-
-    @staticmethod
-    def _note(stats: Counter[str], key: str, s: tuple[float, float]) -> None:
-        if math.isfinite(s[0]):
-            stats[f"{key}_sqnr_centi_db"] = int(round(s[0] * 100))
-        stats[f"{key}_cosine_ppm"] = int(round(s[1] * 1e6))
+        return found.keep
 
     def _record(self, c: Candidate) -> dict[str, Any]:
         choice = "int8 weight-only" if c.kind == "gather" else "int8 dynamic"

@@ -26,6 +26,8 @@ def test_task_accuracy_reads_labels_or_scores_and_skips_what_does_not_fit() -> N
     got = task_accuracy([{k: v for k, v in s.items() if k != "label"} for s in samples], labels, rows=[2, 2])
     assert got is not None and (got.output, got.accuracy) == ("scores", 0.75)
     assert task_accuracy([{"score": np.zeros(4, np.float32), "mask": np.zeros((4, 1), np.int64)}], labels, rows=[4]) is None
+    assert task_accuracy([{"embedding": scores}], np.array([0, 2, -1, 1]), rows=[4]) is None  # -1: not class indices
+    assert task_accuracy([{"embedding": scores}], np.array([0, 2, 3, 1]), rows=[4]) is None  # 3 classes only
 
 
 def test_accuracy_budget_replaces_the_default_output_budget_unless_stated() -> None:
