@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +63,16 @@ class Search:
     runs: int = 0
     unranked: int = 0  # nodes the ranking did not reach in time
     order: str = ""  # which ranking won: "harm", or "weightless first" when that keeps fewer weights float
+
+
+def note_search(found: Search, stats: Counter[str], full: str = "all_int8") -> None:
+    """The search's figures in a pass's stats: runs, unranked nodes, SQNR (centi-dB) of the fully
+    quantized model (``full``) and of the one chosen."""
+    stats["search_runs"] = found.runs
+    stats["search_unranked"] = found.unranked
+    for key, e in ((full, found.full), ("reached", found.reached)):
+        if e is not None and math.isfinite(e.sqnr_db):
+            stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
 
 
 class _Evaluator:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections import Counter
 from typing import Any
 
@@ -27,7 +26,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._qdynamic import MIN_OPSET, Candidate, apply, find_candidates, ort_runs_dynamic
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_rows, tightened
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_rows, tightened, note_search
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +112,7 @@ class QuantizeDynamic(GraphPass):
         target = tightened(budget, self.margin_db, self.target_sqnr)
         check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
         found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, 1, RANK_ROWS, model), check, target, label=self.name)
-        stats["search_runs"] += found.runs
-        for key, e in (("all_int8", found.full), ("reached", found.reached)):
-            if e is not None and math.isfinite(e.sqnr_db):
-                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        note_search(found, stats)
         for i, sqnr in found.alone.items():
             records[i]["alone_sqnr_db"] = round(sqnr, 2)
         for i in found.keep:

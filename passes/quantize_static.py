@@ -28,7 +28,6 @@ import logging
 from collections import Counter
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture
@@ -39,7 +38,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.verify import OrtFailure
@@ -200,14 +199,10 @@ class QuantizeStatic(GraphPass):
         for i in found.keep:
             why = f"alone the output's SQNR is {found.alone[i]:.1f} dB" if i in found.alone else "not ranked in time"
             layers[i].update(choice="float", reason=f"sensitivity: {why}")
-        stats["search_unranked"] = found.unranked
         if found.order == "weightless first":
             stats["search_weightless_first"] = 1
         stats["kept_float_sensitivity"] = len(found.keep)
-        stats["search_runs"] = found.runs
-        for key, e in (("all_int8", found.full), ("reached", found.reached)):
-            if e is not None and np.isfinite(e.sqnr_db):
-                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        note_search(found, stats)
         if found.keep:
             logger.info("%s: kept %d of %d nodes in float to meet %s", self.name, len(found.keep), len(compute), target)
         return found.keep

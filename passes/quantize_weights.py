@@ -37,7 +37,7 @@ from graphopt.registry import register
 from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened, note_search
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -184,11 +184,7 @@ class QuantizeWeights(GraphPass):
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1
             return None
-        stats["search_runs"] = found.runs
-        stats["search_unranked"] = found.unranked
-        for key, e in (("all_quantized", found.full), ("reached", found.reached)):
-            if e is not None and np.isfinite(e.sqnr_db):
-                stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+        note_search(found, stats, "all_quantized")
         if found.keep:
             logger.info("%s: kept %d of %d layers in float to meet %s", self.name, len(found.keep), len(keys), target)
         return found
