@@ -11,14 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from graphopt.edit import (
-    NameSet,
-    add_initializer,
-    constant_tensor,
-    drop_if_unused,
-    is_onnx_op,
-    replace_keeping_name,
-)
+from graphopt.edit import NameSet, add_initializer, bypass, constant_tensor, drop_if_unused, is_onnx_op, replace_keeping_name
 from graphopt.io import EXTERNAL_THRESHOLD, tensor_bytes
 from graphopt.passbase import PassResult
 
@@ -163,6 +156,33 @@ def inferred_shapes(model: ir.Model) -> Iterator[None]:
         for v, (shape, type_) in saved.items():
             if v not in signature:
                 v.shape, v.type = shape, type_
+
+
+def operand_from(node: ir.Node, ops: str | tuple[str, ...]) -> tuple[ir.Node, ir.Value, ir.Value | None] | None:
+    """For a binary ``node`` (Add, Mul): the standard-domain producer of one of ``ops`` that feeds
+    it from the same graph, the value it feeds, and the other operand; None when neither side is one."""
+    for side in (0, 1):
+        value, other = node.inputs[side], node.inputs[1 - side]
+        producer = value.producer() if value is not None else None
+        if producer is not None and is_onnx_op(producer, ops) and producer.graph is node.graph:
+            return producer, value, other  # type: ignore[return-value]
+    return None
+
+
+def sole_use(value: ir.Value) -> bool:
+    """One reader and not a graph output: a rewrite may absorb the node that reads it."""
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def absorb(node: ir.Node, kept: ir.Value, other: ir.Value | None) -> bool:
+    """Remove binary ``node`` whose effect now lives in ``kept``'s producer: its readers read ``kept``
+    (graph-output names kept), and ``other`` goes if nothing else reads it. False if the name can't be kept."""
+    if not bypass(node, 0, kept):
+        return False
+    node.graph.remove(node, safe=True)  # type: ignore[union-attr]
+    if other is not None:
+        drop_if_unused(other)
+    return True
 
 
 def rewrite_each(model: ir.Model, ops: dict[str, Callable[[ir.Node], str]], *, done: tuple[str, ...], quiet: tuple[str, ...] = ()) -> PassResult:

@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.edit import NameSet, bypass, drop_if_unused
+from graphopt.edit import NameSet
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input, rewrite_each
+from graphopt.passes._util import absorb, const_array, legacy_constants, operand_from, replace_input, rewrite_each, sole_use
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.registry import register
 
@@ -39,17 +39,11 @@ class FoldConvBias(GraphPass):
 
 
 def _fold(add: ir.Node, legacy: bool, names: NameSet) -> str:
-    if len(add.inputs) != 2:
+    found = operand_from(add, ("Conv", "ConvTranspose")) if len(add.inputs) == 2 else None
+    if found is None:
         return "not_after_conv"
-    for side in (0, 1):
-        conv_out, other = add.inputs[side], add.inputs[1 - side]
-        conv = conv_out.producer() if conv_out is not None else None
-        if conv is not None and is_std(conv, ("Conv", "ConvTranspose")) and conv.graph is add.graph:
-            break
-    else:
-        return "not_after_conv"
-    assert conv_out is not None
-    if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+    conv, conv_out, other = found
+    if not sole_use(conv_out):
         return "conv_output_shared"
     addend = const_array(other, legacy)
     weight = const_array(conv.inputs[1], legacy)
@@ -66,11 +60,8 @@ def _fold(add: ir.Node, legacy: bool, names: NameSet) -> str:
     if bias is None:
         return "bias_not_constant"
     replace_input(conv, 2, (bias.reshape(-1) + per_channel).astype(weight.dtype), names, as_node=legacy)
-    if not bypass(add, 0, conv_out):
+    if not absorb(add, conv_out, other):
         return "output_name_kept"  # pragma: no cover - conv_out is a plain intermediate here
-    add.graph.remove(add, safe=True)
-    if other is not None:
-        drop_if_unused(other)
     return "folded"
 
 

@@ -15,9 +15,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.edit import NameSet, bypass, drop_if_unused
+from graphopt.edit import NameSet
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, is_std, legacy_constants, replace_input, rewrite_each
+from graphopt.passes._util import absorb, const_array, legacy_constants, operand_from, replace_input, rewrite_each, sole_use
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.passes.conv_bias import _per_channel
 from graphopt.registry import register
@@ -42,15 +42,11 @@ class FoldConvScale(GraphPass):
 
 
 def _fold(mul: ir.Node, legacy: bool, names: NameSet) -> str:
-    for side in (0, 1):
-        conv_out, other = mul.inputs[side], mul.inputs[1 - side]
-        conv = conv_out.producer() if conv_out is not None else None
-        if conv is not None and is_std(conv, "Conv") and conv.graph is mul.graph:
-            break
-    else:
+    found = operand_from(mul, "Conv")
+    if found is None:
         return "not_after_conv"
-    assert conv_out is not None
-    if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+    conv, conv_out, other = found
+    if not sole_use(conv_out):
         return "conv_output_shared"
     scale, weight = const_array(other, legacy), const_array(conv.inputs[1], legacy)
     if scale is None or weight is None:
@@ -68,9 +64,6 @@ def _fold(mul: ir.Node, legacy: bool, names: NameSet) -> str:
     replace_input(conv, 1, (weight * shaped).astype(weight.dtype), names, as_node=legacy)
     if bias is not None:
         replace_input(conv, 2, (bias.reshape(-1) * per_channel).astype(weight.dtype), names, as_node=legacy)
-    if not bypass(mul, 0, conv_out):
+    if not absorb(mul, conv_out, other):
         return "output_name_kept"  # pragma: no cover - conv_out is a plain intermediate here
-    mul.graph.remove(mul, safe=True)  # type: ignore[union-attr]
-    if other is not None:
-        drop_if_unused(other)
     return "folded"

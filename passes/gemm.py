@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from graphopt.edit import bypass, drop_if_unused
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.passes._util import const_array, inferred_shapes, is_std, legacy_constants, rank, rewrite_each
+from graphopt.passes._util import const_array, inferred_shapes, legacy_constants, operand_from, rank, rewrite_each, sole_use
 from graphopt.passes.batchnorm import FoldBatchnorm
 from graphopt.registry import register
 
@@ -48,16 +48,13 @@ class FuseGemm(GraphPass):
 
 
 def _fuse(add: ir.Node, legacy: bool) -> str:
-    for side in (0, 1):
-        product, bias = add.inputs[side], add.inputs[1 - side]
-        matmul = product.producer() if product is not None else None
-        if matmul is not None and is_std(matmul, "MatMul") and matmul.graph is add.graph:
-            break
-    else:
+    found = operand_from(add, "MatMul")
+    if found is None:
         return "not_after_matmul"
-    assert product is not None and bias is not None
+    matmul, product, bias = found
+    assert bias is not None
     a, b = matmul.inputs[0], matmul.inputs[1]
-    if len(product.uses()) != 1 or product.is_graph_output():
+    if not sole_use(product):
         return "matmul_output_shared"
     if a is None or b is None or rank(a) != 2:
         return "a_not_2d"
