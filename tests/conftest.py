@@ -13,6 +13,7 @@ import pytest
 
 from graphopt.data import Sample, generate
 from graphopt.metrics import Tolerance, compare_outputs
+from graphopt.passbase import Calibration, GraphPass, PassResult
 from graphopt.verify import run
 
 ir.DEBUG = True  # the IR's own invariant checks
@@ -39,6 +40,17 @@ def outputs(model: ir.Model, data: Sequence[Sample], level: str = "exact") -> li
 
 def assert_valid(model: ir.Model) -> None:
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def calibrated_run(p: GraphPass, model: ir.Model, data: Sequence[Sample]) -> PassResult:
+    """Run a data-aware pass on ``model`` with ``data`` as its calibration, as the runner would."""
+    p.calibration = Calibration(tuple(data))
+    return p(model)
+
+
+def deploy_sqnr(model: ir.Model, data: Sequence[Sample], reference: Sequence[dict[str, np.ndarray]]) -> float:
+    """The worst output's SQNR (dB) against ``reference`` at ORT's deploy level, where lossy budgets apply."""
+    return min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, "deploy")))
 
 
 def assert_within(model: ir.Model, data: Sequence[Sample], reference: Sequence[dict[str, np.ndarray]], tol: Tolerance) -> None:

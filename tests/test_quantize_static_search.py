@@ -9,11 +9,10 @@ import collections
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import assert_valid, outputs
+from conftest import assert_valid, calibrated_run, deploy_sqnr, outputs
 from test_quantize_weights import _optimized_ops
 
-from graphopt.metrics import Tolerance, compare_outputs
-from graphopt.passbase import Calibration
+from graphopt.metrics import Tolerance
 from graphopt.passes._calibrate import mask_like
 from graphopt.passes._qsearch import tightened
 from graphopt.passes.quantize_static import QuantizeStatic
@@ -56,13 +55,7 @@ def _data(seed: int = 1, n: int = 64) -> list[dict[str, np.ndarray]]:
 
 
 def _quantize(model: ir.Model, data: list, **options: object):  # noqa: ANN202
-    p = QuantizeStatic(**options)  # type: ignore[arg-type]
-    p.calibration = Calibration(tuple(data))
-    return p(model)
-
-
-def _sqnr(model: ir.Model, data: list, reference: list) -> float:
-    return min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, "deploy")))
+    return calibrated_run(QuantizeStatic(**options), model, data)  # type: ignore[arg-type]
 
 
 def test_search_keeps_exactly_the_outlier_layer_in_float() -> None:
@@ -70,7 +63,7 @@ def test_search_keeps_exactly_the_outlier_layer_in_float() -> None:
     reference = outputs(model, data)
     full = model.clone()
     assert _quantize(full, data, search=False).stats["quantized_nodes"] == 3
-    assert _sqnr(full, data, reference) < 20.0  # all-int8 misses the default budget
+    assert deploy_sqnr(full, data, reference) < 20.0  # all-int8 misses the default budget
     result = _quantize(model, data)
     float_layers = [r for r in result.layers if r["choice"] == "float"]
     assert [r["name"] for r in float_layers] == ["Gemm3"] and float_layers[0]["reason"].startswith("sensitivity")
@@ -78,8 +71,8 @@ def test_search_keeps_exactly_the_outlier_layer_in_float() -> None:
     assert result.stats["kept_float_sensitivity"] == 1 and result.stats["quantized_nodes"] == 2
     assert result.stats["all_int8_sqnr_centi_db"] < 2000 <= result.stats["reached_sqnr_centi_db"] - 100  # budget + 1 dB margin
     assert_valid(model)
-    assert _sqnr(model, data, reference) >= 21.0
-    assert _sqnr(model, _data(seed=7), outputs(model.clone(), _data(seed=7), "exact")) > 0  # runs on other inputs
+    assert deploy_sqnr(model, data, reference) >= 21.0
+    assert deploy_sqnr(model, _data(seed=7), outputs(model.clone(), _data(seed=7), "exact")) > 0  # runs on other inputs
     ops = collections.Counter(_optimized_ops(model))
     assert ops["QGemm"] == 2 and ops["Gemm"] == 1, ops  # still fused by ORT where quantized
     assert not _quantize(model, data).modified  # idempotent
@@ -92,7 +85,7 @@ def test_model_within_budget_is_quantized_whole() -> None:
     assert result.stats["quantized_nodes"] == 3 and "kept_float_sensitivity" not in result.stats
     assert result.stats["search_runs"] == 1  # one check of the all-int8 model, no ranking
     assert all(r["choice"] == "int8" for r in result.layers)
-    assert _sqnr(model, data, reference) >= 21.0
+    assert deploy_sqnr(model, data, reference) >= 21.0
     assert collections.Counter(_optimized_ops(model))["QGemm"] == 3
 
 
@@ -108,10 +101,10 @@ def test_budget_override_is_the_search_target() -> None:
     reference = outputs(model, data)
     whole = model.clone()
     _quantize(whole, data)
-    floor = _sqnr(whole, data, reference) + 6.0  # out of reach of the all-int8 model
+    floor = deploy_sqnr(whole, data, reference) + 6.0  # out of reach of the all-int8 model
     result = _quantize(model, data, budget_min_sqnr=floor)
     assert 0 < result.stats["kept_float_sensitivity"] <= 3
-    assert _sqnr(model, data, reference) >= floor + 1.0
+    assert deploy_sqnr(model, data, reference) >= floor + 1.0
     assert tightened(Tolerance(min_sqnr_db=20.0, min_cosine=0.99), 1.0) == pytest.approx(Tolerance(min_sqnr_db=21.0, min_cosine=1 - 0.01 / 10**0.1))  # type: ignore[arg-type]
 
 
@@ -148,7 +141,7 @@ def test_mask_add_stays_float_and_the_rest_is_quantized() -> None:
     assert result.stats["kept_float_mask_range"] == 1 and result.stats["quantized_nodes"] == 2
     assert "kept_float_sensitivity" not in result.stats  # the two MatMuls alone meet the budget
     assert_valid(model)
-    assert _sqnr(model, data, reference) >= 21.0
+    assert deploy_sqnr(model, data, reference) >= 21.0
 
 
 def test_mask_like_ranges() -> None:
@@ -171,7 +164,7 @@ def test_time_bounded_ranking_still_meets_the_budget() -> None:
     assert result.stats["search_unranked"] == 3
     assert 1 <= result.stats["kept_float_sensitivity"] <= 2
     assert next(r for r in result.layers if r["name"] == "Gemm3")["choice"] == "float"
-    assert _sqnr(model, data, reference) >= 21.0
+    assert deploy_sqnr(model, data, reference) >= 21.0
 
 
 def test_runner_budget_and_tolerance_drive_the_search() -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from conftest import assert_valid, outputs
+from conftest import assert_valid, calibrated_run, deploy_sqnr, outputs
 
-from graphopt.metrics import compare_outputs
-from graphopt.passbase import Calibration
 from graphopt.passes.quantize_weights import QuantizeWeights
 
 
@@ -37,13 +35,7 @@ def _data(seed: int = 1, n: int = 32) -> list[dict[str, np.ndarray]]:
 
 
 def _quantize(model: ir.Model, data: list, **options: object):  # noqa: ANN202
-    p = QuantizeWeights(**options)  # type: ignore[arg-type]
-    p.calibration = Calibration(tuple(data))
-    return p(model)
-
-
-def _sqnr(model: ir.Model, data: list, reference: list) -> float:
-    return min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, "deploy")))
+    return calibrated_run(QuantizeWeights(**options), model, data)  # type: ignore[arg-type]
 
 
 def test_search_keeps_exactly_the_sensitive_layer_in_float() -> None:
@@ -53,7 +45,7 @@ def test_search_keeps_exactly_the_sensitive_layer_in_float() -> None:
     old = _quantize(full, data, search=False)
     assert old.stats["quantized"] == 3 and "search_runs" not in old.stats  # the old behaviour: everything, no search
     assert all(r["choice"] == "quantized" for r in old.layers)
-    assert _sqnr(full, data, reference) < 30.0  # all-int8 misses the default budget
+    assert deploy_sqnr(full, data, reference) < 30.0  # all-int8 misses the default budget
     result = _quantize(model, data)
     float_layers = [r for r in result.layers if r["choice"] == "float"]
     assert [r["name"] for r in float_layers] == ["mm2"] and float_layers[0]["reason"].startswith("sensitivity")
@@ -64,9 +56,9 @@ def test_search_keeps_exactly_the_sensitive_layer_in_float() -> None:
     assert [n.op_type for n in model.graph].count("DequantizeLinear") == 2
     mm2 = next(n for n in model.graph if n.name == "mm2")
     assert mm2.inputs[1].const_value is not None and mm2.inputs[1].dtype == ir.DataType.FLOAT  # float weight read directly
-    assert _sqnr(model, data, reference) >= 31.0
+    assert deploy_sqnr(model, data, reference) >= 31.0
     other = _data(seed=7)
-    assert _sqnr(model, other, outputs(_mlp(1000.0), other)) >= 30.0  # holds on other inputs
+    assert deploy_sqnr(model, other, outputs(_mlp(1000.0), other)) >= 30.0  # holds on other inputs
     assert not _quantize(model, data).modified  # idempotent
 
 
@@ -77,7 +69,7 @@ def test_model_within_budget_is_quantized_whole_after_one_check() -> None:
     assert result.stats["quantized"] == 3 and "kept_float_sensitivity" not in result.stats
     assert result.stats["search_runs"] == 1  # one check of the all-quantized model, no ranking
     assert all(r["choice"] == "quantized" and "alone_sqnr_db" not in r for r in result.layers)
-    assert _sqnr(model, data, reference) >= 30.0
+    assert deploy_sqnr(model, data, reference) >= 30.0
 
 
 def test_budget_option_is_the_search_target() -> None:
