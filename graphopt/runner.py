@@ -89,7 +89,8 @@ def _run_checked(
     iteration: int | None,
 ) -> ir.Model:
     signature = _signature(model)
-    if verifier is not None and not p.lossless and p.budget(settings.tolerance).max_accuracy_drop is not None and (why := verifier.can_judge_accuracy()):
+    budget = p.budget(settings.tolerance)
+    if verifier is not None and not p.lossless and budget.max_accuracy_drop is not None and (why := verifier.can_judge_accuracy()):
         raise UsageError(f"pass '{p.name}': {why}")
     p.calibration = settings.calibration if p.uses_data else None
     p.default_budget = settings.tolerance  # so a pass that searches for its budget (quantize-static) aims at the one it is held to
@@ -109,7 +110,6 @@ def _run_checked(
     seconds = time.perf_counter() - start
     stats = result.stats if isinstance(result, PassResult) else {}
     layers = result.layers if isinstance(result, PassResult) else []
-    budget = p.budget(settings.tolerance)
     record = PassRecord(
         p.name, p.options(), p.lossless, before, before, seconds, modified=result.modified, budget=str(budget), stats=stats, layers=layers, iteration=iteration, source=p
     )
