@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import io, sparse
-from graphopt.data import Sample, ShapeSpec, generate, load_npz
+from graphopt.data import LABELS_KEY, Sample, ShapeSpec, generate, load_npz
 from graphopt.errors import GraphoptError, ModelError, UsageError
 from graphopt.metrics import OutputError, Tolerance, compare_outputs
 from graphopt.passbase import Calibration
@@ -45,15 +45,18 @@ def as_model(model: ModelLike) -> ir.Model:
 def prepare_inputs(
     model: ir.Model, inputs: InputsLike, *, input_shape: Sequence[str] | ShapeSpec = (), samples: int = 2, seed: int = 0
 ) -> tuple[list[Sample], np.ndarray | None]:
-    """Samples for verification (and task labels when an .npz carries them)."""
+    """Samples for verification, and task labels when the data carries them (a ``labels`` key in the
+    .npz or in each sample mapping)."""
     if inputs is None:
         spec = input_shape if isinstance(input_shape, ShapeSpec) else ShapeSpec.parse(input_shape)
         return generate(model, spec=spec, samples=samples, seed=seed), None
     if isinstance(inputs, (str, os.PathLike)):
         return load_npz(inputs, model)
-    if isinstance(inputs, Mapping):
-        return [dict(inputs)], None
-    return [dict(s) for s in inputs], None
+    samples_in = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(s) for s in inputs]
+    labels = [s.pop(LABELS_KEY) for s in samples_in if LABELS_KEY in s]
+    if labels and len(labels) != len(samples_in):
+        raise UsageError(f"'{LABELS_KEY}' is in some input samples only: give it with every sample or none")
+    return samples_in, np.concatenate([np.atleast_1d(np.asarray(a)) for a in labels]) if labels else None
 
 
 def optimize(
@@ -86,13 +89,17 @@ def optimize(
     verifier = None
     verification = "off"
     data: list[Sample] = []
+    labels = None
     if verify:
         data, labels = prepare_inputs(work, inputs, input_shape=input_shape, samples=samples, seed=seed)
         verifier = Verifier(work, data, deploy=deploy_check, labels=labels)
         verification = verifier.status
-    calib = Calibration(tuple(prepare_inputs(work, calibration, input_shape=input_shape, samples=max(samples, 8), seed=seed + 1)[0])) if calibration is not None else None
-    if calib is None and data:
-        calib = Calibration(tuple(data))
+    calib = None
+    if calibration is not None:
+        calib_data, calib_labels = prepare_inputs(work, calibration, input_shape=input_shape, samples=max(samples, 8), seed=seed + 1)
+        calib = Calibration(tuple(calib_data), calib_labels)
+    elif data:
+        calib = Calibration(tuple(data), labels)
     settings = RunSettings(on_violation=on_violation, tolerance=tolerance, calibration=calib, keep_partial=keep_partial, progress=progress)
     try:
         result, records = run_pipeline(work, passes, verifier, settings)

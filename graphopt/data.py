@@ -24,6 +24,12 @@ Sample = dict[str, np.ndarray]
 LABELS_KEY = "labels"
 
 
+def batch_rows(samples: Sequence[Sample]) -> list[int]:
+    """Each sample's batch size (its first array's leading dim; 1 for scalars): how labels, one per
+    row of all samples concatenated, split over the samples."""
+    return [next((len(a) for a in s.values() if np.ndim(a)), 1) for s in samples]
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapeSpec:
     """Parsed ``--input-shape`` values: whole shapes per input name and values per dimension name."""

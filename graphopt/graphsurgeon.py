@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 

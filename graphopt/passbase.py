@@ -38,9 +38,12 @@ class PassResult(ir.passes.PassResult):
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """Sample inputs a data-aware pass may run through the model (the verification inputs by default)."""
+    """Sample inputs a data-aware pass may run through the model (the verification inputs by default),
+    and their task labels when the data has them (one per row of all samples concatenated): with a
+    task budget, the quantization searches hold their candidates to it on these."""
 
     samples: tuple[Mapping[str, np.ndarray], ...]
+    labels: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -88,10 +91,15 @@ class GraphPass(ir.passes.InPlacePass):
         own = Tolerance(max_abs=self.budget_max_abs, min_sqnr_db=self.budget_min_sqnr, min_cosine=self.budget_min_cosine,
                         max_accuracy_drop=self.budget_max_accuracy_drop)  # fmt: skip
         if self.lossless:
-            return self.tolerance.merged(own)
+            return self.default_tolerance().merged(own)
         asked = (default or Tolerance()).merged(own)
-        base = self.tolerance.without_output_criteria() if asked.max_accuracy_drop is not None else self.tolerance
-        return base.merged(asked)
+        base = self.default_tolerance()
+        return (base.without_output_criteria() if asked.max_accuracy_drop is not None else base).merged(asked)
+
+    def default_tolerance(self) -> Tolerance:
+        """The pass's own budget before any override: the class ``tolerance``, unless it depends on
+        the options (quantize-weights' bits)."""
+        return self.tolerance
 
     def options(self, *, full: bool = False) -> dict[str, Any]:
         """Option values by field name; non-default ones only unless ``full`` (which still leaves out

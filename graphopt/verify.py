@@ -30,7 +30,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphopt import sparse
-from graphopt.data import Sample
+from graphopt.data import Sample, batch_rows
 from graphopt.edit import iter_tensors
 from graphopt.io import EXTERNAL_THRESHOLD
 from graphopt.metrics import OutputError, TaskAccuracy, Tolerance, compare_outputs, task_accuracy
@@ -266,7 +266,7 @@ class Verifier:
                 self.baseline = compare_outputs(self.reference, self.previous_deploy)
             except OrtFailure as e:
                 logger.warning("deploy-level run of the input model failed: %s", e)
-        self.rows = [next((len(a) for a in s.values() if np.ndim(a)), 1) for s in self.samples]  # batch size of each sample
+        self.rows = batch_rows(self.samples)
         self.reference_accuracy = task_accuracy(self.reference, labels, self.rows) if labels is not None and self.reference else None
 
     def can_judge_accuracy(self) -> str:

@@ -1,7 +1,10 @@
-"""The searches that decide which layers stay in float: quantize-static's two, and quantize-weights' sensitivity one.
+"""The searches that decide which layers stay in float: the sensitivity one (quantize-static,
+-weights and -dynamic) and quantize-static's latency one.
 
 - sensitivity: when the all-int8 model misses the budget, quantize each compute node alone, rank by
-  the output SQNR that costs, and bisect on how many of the most harmful to keep in float;
+  the output SQNR that costs, and bisect on how many of the most harmful to keep in float; the
+  budget is the pass's output criteria plus a margin on a few calibration rows and, when the
+  calibration data has labels, its task-accuracy criterion on all of them (``search_goal``);
 - latency: time each weighted layer (Conv/MatMul/Gemm) in float and as its int8 QDQ pattern with
   onnxruntime on this machine (ORT's default level, 1 thread, interleaved medians) and keep in
   float those where int8 is not faster.
@@ -21,9 +24,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.data import Sample
+from graphopt.data import Sample, batch_rows
+from graphopt.errors import UsageError
 from graphopt.layers import as_linear_layer
-from graphopt.metrics import OutputError, Tolerance, compare_outputs, worst
+from graphopt.metrics import OutputError, Tolerance, compare_outputs, task_accuracy, worst
+from graphopt.passbase import Calibration
 from graphopt.passes._qmath import QType
 from graphopt.passes._qstatic import WEIGHTED, Plan, apply_plan
 from graphopt.progress import track
@@ -54,6 +59,35 @@ def tightened(budget: Tolerance, margin_db: float, min_sqnr_db: float | None = N
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskCheck:
+    """Task accuracy a search holds its candidates to: the labelled calibration samples (all of them:
+    labels follow their rows) and the points of accuracy the budget lets go."""
+
+    samples: tuple[Sample, ...]
+    labels: np.ndarray
+    max_drop: float
+
+
+def search_goal(budget: Tolerance, calibration: Calibration | None, margin_db: float, target_sqnr: float | None,
+                fallback: Tolerance, stats: Counter[str]) -> tuple[Tolerance, TaskCheck | None]:  # fmt: skip
+    """What a keep-float search aims at: ``budget``'s output criteria tightened by ``margin_db``
+    (``tightened``), and its task criterion when the calibration data has labels. A task-only budget
+    on unlabelled calibration data can't be checked during the search: the pass's default output
+    budget (``fallback``) stands in for it (stat ``search_task_unchecked``), and the runner still
+    judges the task budget on the verification data."""
+    task = None
+    if budget.max_accuracy_drop is not None:
+        if calibration is not None and calibration.labels is not None:
+            task = TaskCheck(tuple(dict(s) for s in calibration.samples), np.asarray(calibration.labels), budget.max_accuracy_drop)
+            stats["search_task_samples"] = len(task.samples)
+        else:
+            stats["search_task_unchecked"] = 1
+            if budget == budget.without_output_criteria():
+                budget = fallback.merged(budget)
+    return tightened(budget, margin_db, target_sqnr), task
+
+
 @dataclasses.dataclass
 class Search:
     keep: set[int]  # node indices kept in float
@@ -63,6 +97,7 @@ class Search:
     runs: int = 0
     unranked: int = 0  # nodes the ranking did not reach in time
     order: str = ""  # which ranking won: "harm", or "weightless first" when that keeps fewer weights float
+    accuracy_drop: float | None = None  # task accuracy points the chosen model loses on the labelled calibration data
 
 
 def note_search(found: Search, stats: Counter[str], full: str = "all_int8") -> None:
@@ -73,23 +108,42 @@ def note_search(found: Search, stats: Counter[str], full: str = "all_int8") -> N
     for key, e in ((full, found.full), ("reached", found.reached)):
         if e is not None and math.isfinite(e.sqnr_db):
             stats[f"{key}_sqnr_centi_db"] = int(round(e.sqnr_db * 100))
+    if found.accuracy_drop is not None:
+        stats["reached_accuracy_drop_centi_points"] = int(round(found.accuracy_drop * 100))
 
 
 class _Evaluator:
-    def __init__(self, build: Build, samples: Sequence[Sample], target: Tolerance) -> None:
-        self.build, self.samples, self.target = build, samples, target
-        self.reference = run(build(None)[0], samples, "exact")  # type: ignore[arg-type]
+    """Runs candidates at ORT's deploy level against the float model: output criteria on
+    ``samples``, task accuracy on the labelled ones of ``task``."""
+
+    def __init__(self, build: Build, samples: Sequence[Sample], target: Tolerance, task: TaskCheck | None = None) -> None:
+        self.build, self.samples, self.target, self.task = build, samples, target, task
+        reference_model = build(None)[0]
+        self.reference = run(reference_model, samples, "exact")  # type: ignore[arg-type]
         self.runs = 0
+        self.drop: float | None = None  # of the last candidate run
+        if task is not None:
+            self.rows = batch_rows(task.samples)
+            found = task_accuracy(run(reference_model, task.samples, "exact"), task.labels, self.rows)  # type: ignore[arg-type]
+            if found is None:
+                raise UsageError(f"the calibration labels (shape {list(task.labels.shape)}) fit no model output: a task budget needs class labels for a classifier output")
+            self.reference_accuracy = found.accuracy
 
     def __call__(self, keep: set[int]) -> tuple[bool, OutputError | None]:
         self.runs += 1
-        errors = compare_outputs(self.reference, run(self.build(keep)[0], self.samples, "deploy"), self.target)
-        return not any(e.violations(self.target) for e in errors), worst(errors)
+        model = self.build(keep)[0]
+        errors = compare_outputs(self.reference, run(model, self.samples, "deploy"), self.target)
+        ok = not any(e.violations(self.target) for e in errors)
+        if self.task is not None:
+            got = task_accuracy(run(model, self.task.samples, "deploy"), self.task.labels, self.rows)
+            self.drop = 100.0 * (self.reference_accuracy - (got.accuracy if got else 0.0))
+            ok = ok and self.drop <= self.task.max_drop
+        return ok, worst(errors)
 
 
 def keep_float_search(
     build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance,
-    seconds: float = float("inf"), weights: dict[int, int] | None = None, label: str = "quantize-static",
+    seconds: float = float("inf"), weights: dict[int, int] | None = None, label: str = "quantize-static", task: TaskCheck | None = None,
 ) -> Search:
     """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
 
@@ -103,12 +157,14 @@ def keep_float_search(
     nodes first (they cost no size in float) and the result keeping fewer weights in float wins.
     Nodes the ranking has not reached after ``seconds`` rank as harmless (last). ``compute`` holds
     any stable keys ``build`` understands (node indices for quantize-static, layer indices for
-    quantize-weights); ``label`` names the pass in logs and on the progress bar.
+    quantize-weights); ``label`` names the pass in logs and on the progress bar. With ``task``, a
+    candidate must also keep task accuracy on the labelled calibration data (``search_goal``); the
+    ranking stays by output SQNR, a finer signal than accuracy on a few samples.
     """
-    check = _Evaluator(build, check_samples, target)
+    check = _Evaluator(build, check_samples, target, task)
     ok, full = check(set())
     if ok:
-        return Search(set(), {}, full, full, check.runs)
+        return Search(set(), {}, full, full, check.runs, accuracy_drop=check.drop)
     rank = _Evaluator(build, rank_samples, target) if rank_samples is not check_samples else check
     alone: dict[int, float] = {}
     t0 = time.perf_counter()
@@ -124,27 +180,30 @@ def keep_float_search(
     orders = {"harm": sorted(compute, key=harm)}
     if weights and any(weights.get(i, 0) == 0 for i in compute) and any(weights.get(i, 0) for i in compute):
         orders["weightless first"] = sorted(compute, key=lambda i: (weights.get(i, 0) > 0, harm(i)))
-    best: tuple[int, int, str, set[int], OutputError | None] | None = None
+    best: tuple[int, int, str, set[int], OutputError | None, float | None] | None = None
     for how, order in orders.items():
-        keep, reached = _bisect(check, order, alone, label)
+        keep, reached, drop = _bisect(check, order, alone, label)
         cost = (sum(weights.get(i, 0) for i in keep) if weights else 0, len(keep))
         logger.info("%s: %s order keeps %d nodes (%d weight elements) in float", label, how, cost[1], cost[0])
         if best is None or cost < best[:2]:
-            best = (*cost, how, keep, reached)
+            best = (*cost, how, keep, reached, drop)
     assert best is not None
-    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2])
+    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2], best[5])
 
 
-def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str) -> tuple[set[int], OutputError | None]:
-    """The shortest prefix of ``order`` kept in float that meets the target, then refined."""
+def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str) -> tuple[set[int], OutputError | None, float | None]:
+    """The shortest prefix of ``order`` kept in float that meets the target, then refined; with the
+    chosen model's worst output and task accuracy drop (None: all float, not run, or no task)."""
     lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
     reached: OutputError | None = None
+    drop: float | None = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ok, w = check(set(order[:mid]))
-        logger.info("%s: %d of %d nodes in float -> worst SQNR %.2f dB (%s)", label, mid, len(order), w.sqnr_db if w else float("inf"), "meets" if ok else "misses")
+        task = "" if check.drop is None else f", accuracy -{check.drop:.2f} points"
+        logger.info("%s: %d of %d nodes in float -> worst SQNR %.2f dB%s (%s)", label, mid, len(order), w.sqnr_db if w else float("inf"), task, "meets" if ok else "misses")
         if ok:
-            hi, reached = mid, w
+            hi, reached, drop = mid, w, check.drop
         else:
             lo = mid
     keep = set(order[:hi])
@@ -152,8 +211,8 @@ def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label:
         ok, w = check(keep - {i})
         if ok:
             keep.discard(i)
-            reached = w
-    return keep, reached
+            reached, drop = w, check.drop
+    return keep, reached, drop
 
 
 REFINE_TRIES = 4

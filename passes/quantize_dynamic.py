@@ -26,7 +26,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._qdynamic import MIN_OPSET, Candidate, apply, find_candidates, ort_runs_dynamic
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_rows, tightened, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_goal, search_rows, note_search
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,8 @@ class QuantizeDynamic(GraphPass):
     def _search(self, model: ir.Model, candidates: list[Candidate], samples: list, records: dict[int, dict[str, Any]], stats: Counter[str]) -> set[int]:
         """Indices of the candidates to keep in float: the fewest, most harmful ones for the model to
         meet the budget plus ``margin-db`` on a few calibration rows (``_qsearch.keep_float_search``,
-        shared with quantize-static and quantize-weights). A task-accuracy-only budget can't be
-        checked on unlabelled calibration data: the class default stands in for it."""
-        budget = self.budget(self.default_budget)
-        if budget.min_sqnr_db is None and budget.min_cosine is None:
-            budget = self.tolerance.merged(budget)
+        shared with quantize-static and quantize-weights)."""
+        target, task = search_goal(self.budget(self.default_budget), self.calibration, self.margin_db, self.target_sqnr, self.default_tolerance(), stats)
 
         def build(keep: set[int] | None) -> tuple[ir.Model, None]:
             if keep is None:
@@ -109,9 +106,8 @@ class QuantizeDynamic(GraphPass):
             apply(m, [c for c in candidates if c.index not in keep], self.name)
             return m, None
 
-        target = tightened(budget, self.margin_db, self.target_sqnr)
         check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
-        found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, 1, RANK_ROWS, model), check, target, label=self.name)
+        found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, 1, RANK_ROWS, model), check, target, label=self.name, task=task)
         note_search(found, stats)
         for i, sqnr in found.alone.items():
             records[i]["alone_sqnr_db"] = round(sqnr, 2)

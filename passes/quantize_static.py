@@ -38,7 +38,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.verify import OrtFailure
@@ -182,14 +182,14 @@ class QuantizeStatic(GraphPass):
 
     def _search(self, build, compute, samples, budget, layers, stats) -> set[int]:  # noqa: ANN001
         """Nodes kept in float so the model meets the budget (plus margin) on the calibration data."""
-        target = tightened(budget, self.margin, self.target_sqnr)
+        target, task = search_goal(budget, self.calibration, self.margin, self.target_sqnr, self.default_tolerance(), stats)
         model = build(None)[0]
         check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
         rank = search_rows(samples, 1, RANK_ROWS, model)
         nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
         try:
-            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights, self.name)
+            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights, self.name, task)
         except OrtFailure as e:  # e.g. no QuantizeLinear kernel at this opset: nothing to measure with here
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1
@@ -204,7 +204,7 @@ class QuantizeStatic(GraphPass):
         stats["kept_float_sensitivity"] = len(found.keep)
         note_search(found, stats)
         if found.keep:
-            logger.info("%s: kept %d of %d nodes in float to meet %s", self.name, len(found.keep), len(compute), target)
+            logger.info("%s: kept %d of %d nodes in float to meet %s%s", self.name, len(found.keep), len(compute), target, "" if task is None else f" and an accuracy drop <= {task.max_drop:g} points")
         return found.keep
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:

@@ -37,7 +37,7 @@ from graphopt.registry import register
 from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_goal, search_rows, note_search
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,8 @@ class QuantizeWeights(GraphPass):
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
     search_seconds: float = option(120.0, "time limit of the search's per-layer ranking; layers it has not reached rank as harmless")
 
-    def budget(self, default: Tolerance | None = None) -> Tolerance:
-        own = self.tolerance if self.bits == 8 else TOLERANCE_4BIT
-        base = own.merged(default)
-        return base.merged(Tolerance(max_abs=self.budget_max_abs, min_sqnr_db=self.budget_min_sqnr, min_cosine=self.budget_min_cosine))
+    def default_tolerance(self) -> Tolerance:
+        return self.tolerance if self.bits == 8 else TOLERANCE_4BIT
 
     def call(self, model: ir.Model) -> PassResult:
         self._check_options()
@@ -177,16 +175,16 @@ class QuantizeWeights(GraphPass):
         weights = {g: int(np.prod(first[g].shape)) for g in keys}
         check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
         rank = search_rows(samples, 1, RANK_ROWS, model)
-        target = tightened(budget, self.margin, self.target_sqnr)
+        target, task = search_goal(budget, self.calibration, self.margin, self.target_sqnr, self.default_tolerance(), stats)
         try:
-            found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name)
+            found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name, task)
         except OrtFailure as e:
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1
             return None
         note_search(found, stats, "all_quantized")
         if found.keep:
-            logger.info("%s: kept %d of %d layers in float to meet %s", self.name, len(found.keep), len(keys), target)
+            logger.info("%s: kept %d of %d layers in float to meet %s%s", self.name, len(found.keep), len(keys), target, "" if task is None else f" and an accuracy drop <= {task.max_drop:g} points")
         return found
 
     def _check_options(self) -> None:
