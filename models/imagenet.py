@@ -21,6 +21,10 @@ trained ImageNet-scale CNN with depthwise convolutions, the kind where int8 is k
   views whose top-1 class equals the float model's (stored as ``labels``); ``top5_retention``:
   how often the float top-1 stays in the top 5. The float model's own predictions are sensible
   (Chelsea the cat -> tabby/tiger/Egyptian cat, coffee -> espresso; see the json).
+- Many views have no ImageNet class (a logo, coins, a text page), and there the float top-1 wins by
+  a hair: ``input_rounding_noise_floor`` in the json measures it. Moving each pixel by at most
+  half an 8-bit level, the rounding the photographs already went through, leaves a mean
+  top1_agreement of 0.94 (views 0, 2 and 18 flip): no int8 model is expected to do better here.
 """
 
 from __future__ import annotations
@@ -79,6 +83,23 @@ def score(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float
     return {"top1_agreement": float(np.mean(top5[:, 0] == labels)), "top5_retention": float(np.mean((top5 == labels[:, None]).any(-1)))}
 
 
+def noise_floor(model_path: Path, images: np.ndarray, labels: np.ndarray, draws: int = 16) -> dict[str, object]:
+    """How stable the float model's top-1 is on these views: its ``top1_agreement`` when each pixel
+    moves by up to half an 8-bit level (uniform noise of +-0.5/128 after normalization: the rounding
+    a photograph already went through), averaged over ``draws``, and the views that ever flip.
+    Int8 noise that flips no more views than this is within what re-saving the image does."""
+    rng = np.random.default_rng(0)
+    flips = np.zeros(len(images), dtype=int)
+    agreement = []
+    for _ in range(draws):
+        noisy = images + rng.uniform(-0.5 / 128, 0.5 / 128, images.shape).astype(np.float32)
+        top1 = P._ort(model_path, {"image": noisy})["logits"].argmax(-1)
+        flips += top1 != labels
+        agreement.append(float(np.mean(top1 == labels)))
+    return {"draws": draws, "mean_top1_agreement": round(float(np.mean(agreement)), 4), "min_top1_agreement": min(agreement),
+            "views_that_flip": [int(i) for i in np.flatnonzero(flips)]}  # fmt: skip
+
+
 def build() -> None:
     start = time.time()
     for key in ("effnet_weights", "effnet_arch"):
@@ -117,6 +138,7 @@ def build() -> None:
         "float_top1_classes": {name: int(labels[3 * i]) for i, name in enumerate(SCORED)},
         "metrics": score({"logits": ort_logits}, labels),
         "max_abs_diff_torch_vs_ort": float(np.abs(ort_logits - torch_logits).max()),
+        "input_rounding_noise_floor": noise_floor(out, test, labels),
         "inputs": {"image": list(test.shape)},
         "build_seconds": round(time.time() - start, 1),
     })  # fmt: skip
