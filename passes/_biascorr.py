@@ -147,10 +147,11 @@ def _chunks(model: ir.Model, samples: Sequence[Sample]) -> list[tuple[Sample, in
             out.append((dict(s), 1))
             total += 1
         else:
-            for start in range(0, min(n, BIAS_ROWS - total), CHUNK_ROWS):
-                stop = min(start + CHUNK_ROWS, n, BIAS_ROWS - total + start)
+            limit = min(n, BIAS_ROWS - total)
+            for start in range(0, limit, CHUNK_ROWS):
+                stop = min(start + CHUNK_ROWS, limit)
                 out.append(({k: v[start:stop] for k, v in s.items()}, stop - start))
-            total += min(n, BIAS_ROWS - total)
+            total += limit
         if total >= BIAS_ROWS:
             break
     return out
