@@ -261,3 +261,34 @@ def test_chunks_cap_rows_along_a_dynamic_batch() -> None:
     samples = [{"x": np.zeros((20, 8, 11, 10), np.float32)}, {"x": np.zeros((20, 8, 11, 10), np.float32)}]
     chunks = _chunks(model, samples)
     assert [n for _, n in chunks] == [8, 8, 4, 8, 4] and all(c["x"].shape[0] == n for c, n in chunks)
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_dynamic_mean_error_removed(op: str) -> None:
+    from graphopt.passes.quantize_dynamic import QuantizeDynamic
+
+    data = _feeds(_dense(op), rows=6)
+    reference = outputs(_dense(op), data)
+    runs = {}
+    for bc in (False, True):
+        model = _dense(op)
+        runs[bc] = (model, calibrated_run(QuantizeDynamic(search=False, min_elements=1, bias_correction=bc), model, data))
+    model, result = runs[True]
+    assert result.stats["bias_corrected"] == 1 and result.layers[0]["bias_correction"] == "applied" and "bias_corrected" not in runs[False][1].stats
+    assert_valid(model)
+    assert "MatMulInteger" in [n.op_type for n in model.graph]
+    residual = _channel_mean_error(model, data, reference, 1)
+    plain = _channel_mean_error(runs[False][0], data, reference, 1)
+    assert np.sqrt(np.mean(residual**2)) < 0.2 * np.sqrt(np.mean(plain**2))  # run-time activation rounding's mean stays
+    assert deploy_sqnr(model, data, reference) > deploy_sqnr(runs[False][0], data, reference) + 3.0
+    assert not calibrated_run(QuantizeDynamic(search=False, min_elements=1), model, data).modified
+
+
+def test_benchmark_quick() -> None:
+    from benchmarks import bias_correction
+
+    rows = bias_correction.main(["--quick", "--no-write"])
+    assert len(rows) == 4 and all(r["verdict"] == "ok" and r["sqnr_db"] > 30 for r in rows)
+    for setting in ("static all-int8", "weights all-int8"):
+        off, on = (next(r for r in rows if r["setting"] == setting and r["bias_correction"] is bc) for bc in (False, True))
+        assert off["corrected"] == 0 < on["corrected"] and on["sqnr_db"] > off["sqnr_db"]
