@@ -31,7 +31,7 @@ import onnx_ir as ir
 from graphopt.data import Sample
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.layers import LinearLayer
-from graphopt.verify import run
+from graphopt.verify import OrtFailure, run
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,11 @@ def input_means(model: ir.Model, layers: Sequence[LinearLayer], samples: Sequenc
     clone.graph.outputs.clear()
     clone.graph.outputs.extend(outputs)
     chunks = _chunks(model, samples)
-    results = run(clone, [c for c, _ in chunks], "exact")
+    try:
+        results = run(clone, [c for c, _ in chunks], "exact")
+    except OrtFailure as e:  # the layers then count as no_statistics
+        logger.warning("bias correction: onnxruntime cannot compute the layer input means: %s", e)
+        return {}
     out: dict[Key, np.ndarray] = {}
     for key, layer in wanted.items():
         name, spec = key
