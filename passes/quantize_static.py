@@ -10,6 +10,10 @@ single reader, so int8 activations that fan out stay unfused); the opset is rais
 per-channel weights with onnx's converter, verified; ``latency-aware`` keeps in float the layers
 that run slower in int8 on this machine.
 
+Each int8 Conv/Gemm (and MatMul + bias Add) gets its float bias corrected for the mean output shift
+its weight's rounding causes on the calibration data before the bias is quantized to int32
+(``bias-correction``, ``_biascorr``); the layers the search keeps in float keep their bias.
+
 What stays float, and why (each layer's record says which):
 - ``mask_range``: a node that would quantize a tensor whose calibrated range is set by far outliers,
   such as the ``finfo.min`` of an attention mask added to the scores (``_calibrate.mask_like``): an
