@@ -31,6 +31,7 @@ SETTINGS = {
     "weights": f"cleanup,quantize-weights{{{{gather=true,{INT8},bias-correction={{bc}}}}}}",
     "weights all-int8": f"cleanup,quantize-weights{{{{gather=true,search=false,{LOOSE},bias-correction={{bc}}}}}}",
     "dynamic": "cleanup,quantize-dynamic{{bias-correction={bc}}}",
+    "int4 all": f"cleanup,quantize-weights{{{{bits=4,rounding=gptq,search=false,{LOOSE},bias-correction={{bc}}}}}}",
 }
 DEFAULT_SETTINGS = ("static", "static all-int8", "weights", "weights all-int8")
 QUICK = (["digits_cnn"], ["static all-int8", "weights all-int8"])
