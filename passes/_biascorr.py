@@ -59,7 +59,7 @@ def layer_key(layer: LinearLayer) -> Key | None:
     """What the layer's mean input depends on, or None when it has no per-channel bias path to correct."""
     node = layer.node
     x = node.inputs[0]
-    if x is None or x.name is None or layer.kind == "matmul-left":
+    if x is None or x.name is None or layer.kind not in ("conv", "matmul", "gemm"):  # matmul-left (W @ X), gather tables
         return None
     if layer.kind == "conv":
         a = node.attributes

@@ -292,3 +292,15 @@ def test_benchmark_quick() -> None:
     for setting in ("static all-int8", "weights all-int8"):
         off, on = (next(r for r in rows if r["setting"] == setting and r["bias_correction"] is bc) for bc in (False, True))
         assert off["corrected"] == 0 < on["corrected"] and on["sqnr_db"] > off["sqnr_db"]
+
+
+def test_matmul_left_has_no_bias_path() -> None:
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(_biased_weight((24, 40), 0, rng), "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")
+    nodes = [H.make_node("MatMul", ["w", "x"], ["h"]), H.make_node("Add", ["h", "b"], ["y"])]  # W @ X: Add's [6] runs along X's columns
+    graph = H.make_graph(nodes, "g", [H.make_tensor_value_info("x", T.FLOAT, [40, 6])], [H.make_tensor_value_info("y", T.FLOAT, [24, 6])], [w, b])
+    model = ir.from_proto(H.make_model(graph, opset_imports=[H.make_opsetid("", 17)]))
+    _, result = _weights(model)
+    assert result.stats["quantized"] == 1 and result.layers[0]["bias_correction"] == "no_bias_path" and "bias_corrected" not in result.stats
+    assert np.array_equal(constant_array(model.graph.initializers["b"]), onnx.numpy_helper.to_array(b))
