@@ -87,12 +87,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     rows.append(row)
                     print(f"{name:18s} {setting:18s} bc={bc!s:5s} sqnr={row.get('sqnr_db')} size={row['size_ratio']} kept={row['kept_float']} "
                           f"corrected={row['corrected']} {e.metric}={row.get('metric')} ({row['verdict']}, {row['seconds']} s)", flush=True)  # fmt: skip
-    columns = ["model", "setting", "bias_correction", "sqnr_db", "size_ratio", "kept_float", "corrected", "metric", "verdict", "seconds"]
-    table = harness.markdown_table(rows, columns)
+    table = report_md(rows)
     print(table)
     if not args.no_write:
         harness.write_results("bias_correction", rows, table)
     return rows
+
+
+NOTES = """# Bias correction on and off (`python -m benchmarks.bias_correction`)
+
+`sqnr_db`: worst output's SQNR on the scored data at ORT's default level; `size_ratio`: file size
+over the original's; `kept_float`: layers the sensitivity search kept in float; `corrected`: layers
+whose bias was corrected; `metric`: the zoo's task metric (effnet_lite0 top-1 agreement with the
+float model, ocr_det text IoU, ocr_cls/digits accuracy, ocr_rec CER (lower is better), light
+models: SQNR). `static`/`weights`: the passes as the zoo runs them (budget 20 dB / 0.99 on
+calibration rows, search on); `all-int8`: `search=false`, every layer quantized."""
+
+
+def report_md(rows: list[dict[str, Any]]) -> str:
+    columns = ["model", "setting", "bias_correction", "sqnr_db", "size_ratio", "kept_float", "corrected", "metric", "verdict", "seconds"]
+    return NOTES + "\n\n" + harness.markdown_table(rows, columns)
 
 
 if __name__ == "__main__":
