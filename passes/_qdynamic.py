@@ -31,6 +31,7 @@ from graphopt.edit import NameSet, add_initializer, constant_array, constant_ten
 from graphopt.layers import as_linear_layer
 from graphopt.passbase import TAG
 from graphopt.passes._qgraph import add_node, matches
+from graphopt.passes._biascorr import correct_bias
 from graphopt.passes._qmath import QTYPES, QuantizedWeight, quantize_weight, sqnr_db
 
 INT8 = QTYPES["int8"]
@@ -111,8 +112,10 @@ def _candidate(index: int, kind: str, node: ir.Node, w: np.ndarray, qw: Quantize
     return Candidate(index, kind, name, tuple(int(d) for d in w.shape), qw, alpha, round(min(sqnr_db(w, qw.dequantized()), 300.0), 2))
 
 
-def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str) -> dict[str, int]:
-    """Rewrite the chosen candidates of ``model`` (the model they were found in, or a clone of it)."""
+def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str, bias_means: dict[int, np.ndarray] | None = None, notes: dict[int, dict] | None = None) -> dict[str, int]:
+    """Rewrite the chosen candidates of ``model`` (the model they were found in, or a clone of it).
+    ``bias_means`` (candidate index -> ``_biascorr.input_means`` entry): correct those layers' bias
+    for their weight's rounding first; ``notes`` gets what was done."""
     graph = model.graph
     nodes = list(graph)
     names = NameSet(model)
@@ -125,6 +128,10 @@ def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str) -> dict[str, i
             _rewrite_gather(graph, node, c, names, tag)
             stats["gather_weight_only"] += 1
             continue
+        if bias_means is not None and (layer := as_linear_layer(node)) is not None:
+            note = correct_bias(layer, layer.tensor.numpy(), layer.from_matrix(c.qw.dequantized()), bias_means.get(c.index), names)
+            if notes is not None:
+                notes[c.index] = note
         weight = node.inputs[1]
         assert weight is not None
         if id(weight) not in weights:

@@ -36,6 +36,7 @@ from graphopt.activations import capture
 from graphopt.data import Sample
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op
 from graphopt.layers import as_linear_layer
+from graphopt.passes._biascorr import correct_bias
 from graphopt.passes._calibrate import Method, mask_like, tensor_range
 from graphopt.passes._qgraph import add_dequantize, matches
 from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight, expand, quantize, quantize_weight, scale_zero_point
@@ -304,10 +305,13 @@ def group_params(plan: Plan, ranges: dict[str, tuple[float, float]], qt: QType) 
 
 def apply_plan(
     model: ir.Model, plan: Plan, params: dict[str, tuple[np.ndarray, np.ndarray]], qt: QType, per_channel: bool, tag: str,
-    cache: dict[tuple[int, int | None], QuantizedWeight] | None = None,
+    cache: dict[tuple[int, int | None], QuantizedWeight] | None = None, bias_means: dict[int, np.ndarray] | None = None,
+    notes: dict[int, dict] | None = None,
 ) -> int:
     """Rewrite ``model`` (the one the plan was made on, or a clone of it); returns Q/DQ pairs added.
-    ``cache`` keeps quantized weights between rewrites of clones (which share their tensors)."""
+    ``cache`` keeps quantized weights between rewrites of clones (which share their tensors).
+    ``bias_means`` (node index -> ``_biascorr.input_means`` entry): correct those nodes' float bias
+    for their weight's quantization before it is quantized to int32; ``notes`` gets what was done."""
     graph = model.graph
     nodes = list(graph)
     names = NameSet(model)
@@ -367,6 +371,11 @@ def apply_plan(
         has_bias = node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None
         if has_bias:
             qw = _fit_bias(qw, w, node)
+        if bias_means is not None:
+            note = correct_bias(layer, w, qw.dequantized(), bias_means.get(i), names)
+            if notes is not None:
+                notes[i] = note
+            has_bias = node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None
         old = layer.weight
         node.replace_input_with(layer.weight_index, add_dequantize(graph, node, qw, old.name or "w", names, tag, with_zero_point=True))  # QGemm fusion needs it
         drop_if_unused(old)

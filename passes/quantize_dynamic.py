@@ -21,6 +21,8 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.edit import NameSet, onnx_opset
+from graphopt.layers import as_linear_layer
+from graphopt.passes._biascorr import input_means, lookup
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
@@ -53,6 +55,7 @@ class QuantizeDynamic(GraphPass):
     search: bool = option(True, "keep the most harmful MatMuls in float until the calibration outputs meet the budget plus the margin")
     margin_db: float = option(1.0, "search head room over the budget (dB; on 1 - cosine as a power ratio), for samples other than the calibration ones")
     target_sqnr: float | None = option(None, "search target SQNR in dB (default: the budget's floor plus the margin)")
+    bias_correction: bool = option(True, "subtract each int8 MatMul/Gemm's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
 
     def call(self, model: ir.Model) -> PassResult:
         stats: Counter[str] = Counter()
@@ -85,15 +88,31 @@ class QuantizeDynamic(GraphPass):
             samples = generate(model, samples=4, seed=1)
             stats["generated_calibration"] = len(samples)
         records = {c.index: self._record(c) for c in candidates}
+        means = self._bias_means(model, candidates, samples, stats) if self.bias_correction else None
         keep: set[int] = set()
         if self.search:
-            keep = self._search(model, candidates, samples, records, stats)
+            keep = self._search(model, candidates, samples, records, stats, means)
         chosen = [c for c in candidates if c.index not in keep]
-        stats.update(apply(model, chosen, self.name))
+        notes: dict[int, dict] = {}
+        stats.update(apply(model, chosen, self.name, means, notes))
+        for i, note in notes.items():
+            records[i].update(note)
+            stats["bias_corrected" if note["bias_correction"] == "applied" else "bias_uncorrected_" + note["bias_correction"]] += 1
         stats["kept_float"] = len(keep)
         return self._result(model, stats, [records[c.index] for c in candidates])
 
-    def _search(self, model: ir.Model, candidates: list[Candidate], samples: list, records: dict[int, dict[str, Any]], stats: Counter[str]) -> set[int]:
+    def _bias_means(self, model: ir.Model, candidates: list[Candidate], samples: list, stats: Counter[str]) -> dict[int, Any] | None:
+        """Per MatMul/Gemm candidate (index), its ``_biascorr.input_means`` entry (none on generated data)."""
+        if stats["generated_calibration"]:
+            stats["bias_correction_no_calibration"] = 1
+            return None
+        nodes = list(model.graph)
+        layers = {c.index: layer for c in candidates if c.kind != "gather" and (layer := as_linear_layer(nodes[c.index])) is not None}
+        means = input_means(model, list(layers.values()), samples)
+        return {i: m for i, layer in layers.items() if (m := lookup(means, layer)) is not None}
+
+    def _search(self, model: ir.Model, candidates: list[Candidate], samples: list, records: dict[int, dict[str, Any]], stats: Counter[str],
+                means: dict[int, Any] | None = None) -> set[int]:  # fmt: skip
         """Indices of the candidates to keep in float: the fewest, most harmful ones for the model to
         meet the budget plus ``margin-db`` on a few calibration rows (``_qsearch.keep_float_search``,
         shared with quantize-static and quantize-weights)."""
@@ -103,7 +122,7 @@ class QuantizeDynamic(GraphPass):
             if keep is None:
                 return model, None
             m = model.clone()
-            apply(m, [c for c in candidates if c.index not in keep], self.name)
+            apply(m, [c for c in candidates if c.index not in keep], self.name, means)
             return m, None
 
         check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)

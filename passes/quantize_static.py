@@ -10,6 +10,10 @@ single reader, so int8 activations that fan out stay unfused); the opset is rais
 per-channel weights with onnx's converter, verified; ``latency-aware`` keeps in float the layers
 that run slower in int8 on this machine.
 
+Each int8 Conv/Gemm (and MatMul + bias Add) gets its float bias corrected for the mean output shift
+its weight's rounding causes on the calibration data before the bias is quantized to int32
+(``bias-correction``, ``_biascorr``); the layers the search keeps in float keep their bias.
+
 What stays float, and why (each layer's record says which):
 - ``mask_range``: a node that would quantize a tensor whose calibrated range is set by far outliers,
   such as the ``finfo.min`` of an attention mask added to the scores (``_calibrate.mask_like``): an
@@ -28,6 +32,7 @@ import logging
 from collections import Counter
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture
@@ -35,6 +40,7 @@ from graphopt.edit import NameSet, onnx_opset
 from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
+from graphopt.passes._biascorr import input_means, lookup
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
@@ -72,6 +78,7 @@ class QuantizeStatic(GraphPass):
     search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
+    bias_correction: bool = option(True, "subtract each int8 Conv/Gemm/MatMul's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
 
     def call(self, model: ir.Model) -> PassResult:
         if is_quantized(model):
@@ -125,13 +132,15 @@ class QuantizeStatic(GraphPass):
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
         cache: dict = {}
+        means = self._bias_means(model, plan, samples) if self.bias_correction else None
+        notes: dict[int, dict] = {}
 
         def build(keep: set[int] | None, target: ir.Model | None = None) -> tuple[ir.Model, Plan]:
             if keep is None:
                 return model, plan
             m = target if target is not None else model.clone()
             p = make_plan(model, self.ops, self.exclude, keep, floats)
-            apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name, cache)
+            apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name, cache, means, notes if target is not None else None)
             return m, p
 
         layers: dict[int, dict[str, Any]] = {i: {"name": labels[i], "op": nodes[i].op_type, "choice": "int8"} for i in plan.compute}
@@ -147,10 +156,20 @@ class QuantizeStatic(GraphPass):
             keep |= self._search(lambda k: build(None if k is None else k | fixed), [i for i in plan.compute if i not in keep], samples, budget, layers, stats)
         stats["kept_float_latency"] = sum(1 for r in layers.values() if r.get("reason") == "latency")
         _, final = build(keep, target=model)
+        for i, note in notes.items():
+            layers[i].update(note)
+            stats["bias_corrected" if note["bias_correction"] == "applied" else "bias_uncorrected_" + note["bias_correction"]] += 1
         stats["quantized_nodes"] = len(final.compute)
         stats["qdq_pairs"] = len(final.tensors)
         stats["relu_absorbed"] = len(final.absorbed)
         return self._result(model, stats, [layers[i] for i in sorted(layers)])
+
+    def _bias_means(self, model: ir.Model, plan: Plan, samples: list) -> dict[int, np.ndarray]:
+        """Per weighted compute node (index), its ``_biascorr.input_means`` entry on the float model."""
+        nodes = list(model.graph)
+        layers = {i: layer for i in plan.compute if (layer := as_linear_layer(nodes[i])) is not None}
+        means = input_means(model, list(layers.values()), samples)
+        return {i: m for i, layer in layers.items() if (m := lookup(means, layer)) is not None}
 
     def _latency(self, model, plan, ranges, qt, per_channel, samples, keep, layers, build, stats) -> set[int]:  # noqa: ANN001
         """Layers to keep in float because int8 is not faster here (timed per layer, then end to end)."""

@@ -34,6 +34,7 @@ from graphopt.layers import LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
+from graphopt.passes import _biascorr
 from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
@@ -79,6 +80,7 @@ class QuantizeWeights(GraphPass):
     target_sqnr: float | None = option(None, "SQNR (dB, calibration rows, deploy level) the search aims at instead of the budget's plus margin")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
     search_seconds: float = option(120.0, "time limit of the search's per-layer ranking; layers it has not reached rank as harmless")
+    bias_correction: bool = option(True, "subtract each quantized layer's mean output shift on the calibration data from its bias (_biascorr)")
 
     def default_tolerance(self) -> Tolerance:
         return self.tolerance if self.bits == 8 else TOLERANCE_4BIT
@@ -116,13 +118,15 @@ class QuantizeWeights(GraphPass):
                 stats["ort_qdq_max_opset"] = best
                 return self._result(model, stats, [])
         activations = self._activations(model, candidates)
+        means = _biascorr.input_means(model, candidates, self.calibration.samples) if self.bias_correction and self.calibration else None
+        stats["bias_correction_no_calibration"] = int(self.bias_correction and not self.calibration)
         groups = _weight_groups(candidates)
         found: Search | None = None
         budget = self.budget(self.default_budget)  # what the runner holds this pass to
         if self.search and budget.is_set():
-            found = self._search(model, groups, per_tensor, activations, budget, stats)
+            found = self._search(model, groups, per_tensor, activations, budget, stats, means)
         keep = {k for k, g in enumerate(groups) if found is not None and g in found.keep}
-        layers = self._quantize_all(model, candidates, keep, per_tensor, activations, stats)
+        layers = self._quantize_all(model, candidates, keep, per_tensor, activations, stats, means)
         if found is not None:
             for k, record in enumerate(layers):
                 if groups[k] in found.alone:
@@ -133,7 +137,7 @@ class QuantizeWeights(GraphPass):
         return self._result(model, stats, layers)
 
     def _quantize_all(self, model: ir.Model, candidates: list[LinearLayer], keep: set[int], per_tensor: bool,
-                      activations: dict[str, list[np.ndarray]], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
+                      activations: dict[str, list[np.ndarray]], stats: Counter[str], means: dict | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Quantize every candidate but those at the positions in ``keep`` (recorded as float)."""
         names = NameSet(model)
         layers: list[dict[str, Any]] = []
@@ -144,8 +148,10 @@ class QuantizeWeights(GraphPass):
                 layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"})
                 stats["kept_float_sensitivity"] += 1
                 continue
-            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made)
+            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made, means)
             stats[record["choice"]] += 1
+            if "bias_correction" in record:
+                stats["bias_corrected" if record["bias_correction"] == "applied" else "bias_uncorrected_" + record["bias_correction"]] += 1
             if record.get("scales") == "per-tensor":
                 stats["per_tensor_scale"] += 1
             layers.append(record)
@@ -153,7 +159,8 @@ class QuantizeWeights(GraphPass):
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return layers
 
-    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, list[np.ndarray]], budget: Tolerance, stats: Counter[str]) -> Search | None:
+    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, list[np.ndarray]], budget: Tolerance, stats: Counter[str],
+                means: dict | None = None) -> Search | None:  # fmt: skip
         """Layers (keys: first candidate position of each weight) kept in float so the model meets the
         budget plus ``margin`` on a few calibration rows (``_qsearch.keep_float_search``)."""
         samples = list(self.calibration.samples) if self.calibration else None
@@ -167,7 +174,7 @@ class QuantizeWeights(GraphPass):
             if keep is None:
                 return model, None
             m = model.clone()
-            self._quantize_all(m, self._candidates(m, Counter()), {k for k, g in enumerate(groups) if g in keep}, per_tensor, activations, Counter())
+            self._quantize_all(m, self._candidates(m, Counter()), {k for k, g in enumerate(groups) if g in keep}, per_tensor, activations, Counter(), means)
             return m, None
 
         keys = sorted(set(groups))
@@ -250,7 +257,7 @@ class QuantizeWeights(GraphPass):
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
         return capture(model, self.calibration.samples, wanted)
 
-    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value]) -> dict[str, Any]:
+    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value], means: dict | None = None) -> dict[str, Any]:
         node, w = layer.node, layer.tensor.numpy()
         record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
         if layer.kind == "gemm" and (self.bits == 4 or self.blocked) and node.attributes.get_int("transA", 0) == 0:
@@ -279,6 +286,8 @@ class QuantizeWeights(GraphPass):
                     qw, axis = one, None
         record["scales"] = "per-tensor" if qw.scale.ndim == 0 or axis is None else ("blocked" if block else "per-channel")
         record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
+        if means is not None and layer.kind != "gather":
+            record.update(_biascorr.correct_bias(layer, w, qw.dequantized(), _biascorr.lookup(means, layer), names))
         graph = node.graph
         assert graph is not None
         old = layer.weight
