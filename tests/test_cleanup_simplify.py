@@ -199,7 +199,7 @@ def test_identity_in_subgraph_of_outer_value_is_kept() -> None:
         y = If(c) < then_branch = t () => (float[2] a) { a = Identity(h) },
                     else_branch = e () => (float[2] b) { i = Identity(h)  b = Neg(i) } >
     }"""
-    model = check_removes(text, RemoveIdentity(), "Identity", remaining=1)
+    check_removes(text, RemoveIdentity(), "Identity", remaining=1)
 
 
 def test_cast_from_graph_input_to_output_becomes_identity() -> None:

@@ -15,8 +15,6 @@ from graphopt.verify import run
 from conftest import assert_valid
 
 ROWS = 400
-BUDGET = 0.5
-"""Points of accuracy: 2 of the 400 rows may flip."""
 
 
 def _fragile_classifier(seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
@@ -51,20 +49,23 @@ def _drop(model, data: np.ndarray, labels: np.ndarray) -> float:  # noqa: ANN001
     return 100.0 * (1.0 - got.accuracy)
 
 
-@pytest.mark.parametrize("pass_name, options", [("quantize-static", ""), ("quantize-weights", ""), ("quantize-dynamic", "min-elements=0,")])
-def test_search_keeps_layers_float_until_task_accuracy_holds_on_labelled_calibration(pass_name: str, options: str) -> None:
+@pytest.mark.parametrize(
+    "pass_name, options, budget",  # budget: points of accuracy, 1.0 = 4 of the 400 rows (weight-only int8 flips fewer rows)
+    [("quantize-static", "", 1.0), ("quantize-weights", "", 0.5), ("quantize-dynamic", "min-elements=0,", 1.0)],
+)
+def test_search_keeps_layers_float_until_task_accuracy_holds_on_labelled_calibration(pass_name: str, options: str, budget: float) -> None:
     model, data, labels = _fragile_classifier()
     feed = {"x": data, "labels": labels}
     unsearched, _ = graphopt.optimize(model, f"{pass_name}{{{options}search=false}}", inputs=feed, on_violation="rollback")
-    assert _drop(unsearched, data, labels) > BUDGET  # all-int8 flips rows: the task check has something to do
+    assert _drop(unsearched, data, labels) > budget + 0.2  # all-int8 flips a row more than the budget allows: the search has work to do
 
-    out, report = graphopt.optimize(model, f"{pass_name}{{{options}budget-max-accuracy-drop={BUDGET}}}", inputs=feed)
+    out, report = graphopt.optimize(model, f"{pass_name}{{{options}budget-max-accuracy-drop={budget}}}", inputs=feed)
     (record,) = report.records
-    assert record.verdict == "ok" and record.accuracy is not None and 100 * (1.0 - record.accuracy[1]) <= BUDGET
-    assert record.stats["search_task_samples"] == 1 and record.stats["reached_accuracy_drop_centi_points"] <= 100 * BUDGET
+    assert record.verdict == "ok" and record.accuracy is not None and 100 * (1.0 - record.accuracy[1]) <= budget
+    assert record.stats["search_task_samples"] == 1 and record.stats["reached_accuracy_drop_centi_points"] <= 100 * budget
     kept = [r for r in record.layers if r.get("choice") == "float"]
     assert kept and len(kept) < len(record.layers)  # some layers still quantized
-    assert _drop(out, data, labels) <= BUDGET
+    assert _drop(out, data, labels) <= budget
     assert_valid(out)
 
 
