@@ -6,7 +6,10 @@ Layouts, all in the form onnxruntime fuses:
   Conv; opset 13) or per tensor (opset 10).
 - 4 bits: MatMul weights ``[K, N]`` blocked along K (``block_size``, opset 21), which ORT turns
   into MatMulNBits at its default level; Gemm (``transA=0``) is rewritten to MatMul (+ Add bias)
-  for that; Conv weights per output channel. ``format=matmulnbits`` writes the contrib op
+  for that; Conv weights ``[O, C/g, *kernel]`` blocked along the input channels (``axis=1``,
+  ``conv_block_size`` channels per scale at each kernel position) where that makes two blocks or
+  more, else per output channel (depthwise, small fan-in). ORT keeps the Conv's DequantizeLinear
+  as its own node before a float Conv at every level (as for per-channel): no speed change. ``format=matmulnbits`` writes the contrib op
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
@@ -35,6 +38,7 @@ from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._gptq import gptq
+from graphopt.passes._qconv import conv_block, conv_gptq, conv_hessians_for
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened, note_search
@@ -68,7 +72,8 @@ class QuantizeWeights(GraphPass):
     block_size: int = option(128, "4 bits (or blocked 8 bits): weights per scale along the reduction axis (power of 2, >= 16)")
     blocked: bool = option(False, "8 bits: scales per block of the reduction axis like 4 bits (opset 21; ORT runs MatMul ones as MatMulNBits)")
     format: Literal["qdq", "matmulnbits"] = option("qdq", "4 bits: DequantizeLinear (standard ONNX) or com.microsoft MatMulNBits")
-    rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm)")
+    conv_block_size: int = option(32, "4 bits (or blocked 8 bits): Conv scales per this many input channels at each kernel position where that makes >= 2 blocks (0: per output channel)")
+    rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
@@ -118,6 +123,7 @@ class QuantizeWeights(GraphPass):
                 stats["ort_qdq_max_opset"] = best
                 return self._result(model, stats, [])
         activations = self._activations(model, candidates)
+        activations.update(conv_hessians_for(model, candidates, self.calibration.samples) if self.rounding == "gptq" and self.calibration else {})
         groups = _weight_groups(candidates)
         found: Search | None = None
         budget = self.budget(self.default_budget)  # what the runner holds this pass to
@@ -135,7 +141,7 @@ class QuantizeWeights(GraphPass):
         return self._result(model, stats, layers)
 
     def _quantize_all(self, model: ir.Model, candidates: list[LinearLayer], keep: set[int], per_tensor: bool,
-                      activations: dict[str, list[np.ndarray]], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
+                      activations: dict[str, Any], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
         """Quantize every candidate but those at the positions in ``keep`` (recorded as float)."""
         names = NameSet(model)
         layers: list[dict[str, Any]] = []
@@ -146,7 +152,8 @@ class QuantizeWeights(GraphPass):
                 layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"})
                 stats["kept_float_sensitivity"] += 1
                 continue
-            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made)
+            key = f"conv:{layer.node.outputs[0].name}" if layer.kind == "conv" else layer.node.inputs[0].name if layer.kind != "matmul-left" else ""
+            record = self._quantize(layer, names, per_tensor, activations.get(key), made, activations)
             stats[record["choice"]] += 1
             if record.get("scales") == "per-tensor":
                 stats["per_tensor_scale"] += 1
@@ -155,7 +162,7 @@ class QuantizeWeights(GraphPass):
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return layers
 
-    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, list[np.ndarray]], budget: Tolerance, stats: Counter[str]) -> Search | None:
+    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, Any], budget: Tolerance, stats: Counter[str]) -> Search | None:
         """Layers (keys: first candidate position of each weight) kept in float so the model meets the
         budget plus ``margin`` on a few calibration rows (``_qsearch.keep_float_search``)."""
         samples = list(self.calibration.samples) if self.calibration else None
@@ -196,6 +203,8 @@ class QuantizeWeights(GraphPass):
             raise UsageError(f"quantize-weights: block-size={self.block_size}: use a power of 2 >= 16")
         if self.format == "matmulnbits" and self.bits != 4:
             raise UsageError("quantize-weights: format=matmulnbits needs bits=4")
+        if self.conv_block_size < 0:
+            raise UsageError(f"quantize-weights: conv-block-size={self.conv_block_size}: use 0 (per output channel) or a block size")
 
     def _opset_needed(self) -> int:
         if self.bits == 4:
@@ -242,17 +251,24 @@ class QuantizeWeights(GraphPass):
         """Would the quantized weight, its scales and a DequantizeLinear node take fewer bytes than the float weight?"""
         n = int(np.prod(layer.shape))
         groups = n // self.block_size if (self.bits == 4 or self.blocked) else layer.shape[layer.output_axis]
+        if layer.kind == "conv" and (self.bits == 4 or self.blocked):
+            block = conv_block(layer.shape[1], self.conv_block_size)
+            groups = n // layer.shape[1] * -(-layer.shape[1] // block) if block else layer.shape[0]
         name = len(layer.weight.name or "w")
         overhead = 3 * name + 60 + 4 * max(groups, 1)  # names (+_q, _s, _dq), node and tensor headers, scales
         return n * self.bits // 8 + overhead < n * 4
 
-    def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
+    def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, Any]:
+        """GPTQ's data: MatMul/Gemm input activations by input name, and (``conv_hessians_for``) Conv
+        Hessians by ``conv:<output name>``; GPTQ results get added as ``gptq:...`` while quantizing."""
         if self.rounding != "gptq" or self.calibration is None:
             return {}
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
         return capture(model, self.calibration.samples, wanted)
 
-    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value]) -> dict[str, Any]:
+    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: Any, made: list[ir.Value], done: dict[str, Any]) -> dict[str, Any]:
+        """``acts``: the MatMul/Gemm's input activations or the Conv's per-group Hessians (GPTQ);
+        ``done`` keeps GPTQ results by layer output (the search rebuilds clones of the same model)."""
         node, w = layer.node, layer.tensor.numpy()
         record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
         if layer.kind == "gemm" and (self.bits == 4 or self.blocked) and node.attributes.get_int("transA", 0) == 0:
@@ -264,11 +280,14 @@ class QuantizeWeights(GraphPass):
         qt = qtype(self.bits, signed)
         axis, block = self._layout(layer, per_tensor)
         search = self.rounding in ("mse", "gptq")
-        if self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
-            w_nk = layer.matrix().T
-            x = rows(acts, w_nk.shape[1])
-            g = gptq(w_nk, x, qt, block_size=block, symmetric=self.symmetric, search=True)
-            qw = _from_nk(g, layer)
+        cached = f"gptq:{node.outputs[0].name}:{axis}:{block}"
+        if self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm", "conv") and (block or axis == layer.output_axis):
+            if cached not in done and layer.kind == "conv":
+                done[cached] = conv_gptq(w, acts, qt, block_size=block, symmetric=self.symmetric, search=True)
+            elif cached not in done:
+                w_nk = layer.matrix().T
+                done[cached] = _from_nk(gptq(w_nk, rows(acts, w_nk.shape[1]), qt, block_size=block, symmetric=self.symmetric, search=True), layer)
+            qw = done[cached]
             record["rounding"] = "gptq"
         else:
             qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)
@@ -294,7 +313,7 @@ class QuantizeWeights(GraphPass):
             made.extend(v for v in dq.producer().inputs[1:] if v is not None)
             record["format"] = "DequantizeLinear"
         drop_if_unused(old)
-        record["bytes_before"], record["bytes_after"] = int(w.size * 4), _bytes(qw)
+        record["bytes_before"], record["bytes_after"], record["scale_bytes"] = int(w.size * 4), _bytes(qw), int(qw.scale.size * 4)
         record["choice"] = "quantized"
         return record
 
@@ -304,8 +323,9 @@ class QuantizeWeights(GraphPass):
             return 0, 0
         if self.bits == 8 and not self.blocked:
             return (None, 0) if per_tensor or not self.per_channel else (layer.output_axis, 0)
-        if layer.kind == "conv":
-            return 0, 0  # per output channel; blocks would cut kernels apart
+        if layer.kind == "conv":  # blocks of input channels at each kernel position, or per output channel
+            block = conv_block(layer.shape[1], self.conv_block_size)
+            return (1, block) if block else (0, 0)
         return layer.reduction_axes[0], self.block_size
 
 
