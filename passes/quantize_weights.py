@@ -337,7 +337,8 @@ def _weight_groups(candidates: list[LinearLayer]) -> list[int]:
 
 
 def _bytes(qw: QuantizedWeight) -> int:
-    return (qw.q.size * qw.qt.bits + 7) // 8 + qw.scale.size * 4 + ((qw.zero_point.size * qw.qt.bits + 7) // 8)
+    zero_points = 0 if qw.qt.signed and not np.any(np.asarray(qw.zero_point)) else qw.zero_point.size  # add_dequantize leaves 0s out
+    return (qw.q.size * qw.qt.bits + 7) // 8 + qw.scale.size * 4 + (zero_points * qw.qt.bits + 7) // 8
 
 
 def _from_nk(g: QuantizedWeight, layer: LinearLayer) -> QuantizedWeight:
