@@ -176,20 +176,41 @@ SAMPLE_CHUNK = 4
 """Calibration samples per onnxruntime run capturing every Conv input (Hessians are kept, activations dropped)."""
 
 
-def conv_hessians_for(model: ir.Model, layers: Sequence, samples: Sequence) -> dict[str, np.ndarray]:
-    """``conv:<output name>`` -> per-group Hessians (:func:`conv_hessians`) of every Conv among
-    ``layers`` (``graphopt.layers.LinearLayer``) in the main graph, on the calibration ``samples``
-    (each contributes ``MAX_ROWS / len(samples)`` rows)."""
+@dataclasses.dataclass
+class ConvCalibration:
+    """One Conv's per-group Hessians, and its GPTQ results by layout (made once per pass run)."""
+
+    hessians: np.ndarray
+    done: dict[tuple, QuantizedWeight] = dataclasses.field(default_factory=dict)
+
+    def gptq(self, w: np.ndarray, qt: QType, *, block_size: int, symmetric: bool) -> QuantizedWeight:
+        key = (qt.name, block_size, symmetric, w.shape)
+        if key not in self.done:
+            self.done[key] = conv_gptq(w, self.hessians, qt, block_size=block_size, symmetric=symmetric, search=True)
+        return self.done[key]
+
+
+class ConvInputs(dict):
+    """Conv output name -> :class:`ConvCalibration`, for the Convs reading one tensor."""
+
+
+def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> dict[str, ConvInputs]:
+    """Per Conv input name, the :class:`ConvCalibration` of every Conv among ``layers``
+    (``graphopt.layers.LinearLayer``) in the main graph reading it, on the calibration ``samples``
+    (each contributes ``MAX_ROWS / len(samples)`` im2col rows)."""
     convs = [layer for layer in layers if layer.kind == "conv" and layer.node.graph is model.graph and layer.node.inputs[0] is not None]
     if not convs or not samples:
         return {}
     wanted = sorted({layer.node.inputs[0].name for layer in convs})
-    sums = {f"conv:{layer.node.outputs[0].name}": HessianSum() for layer in convs}
+    sums = {id(layer.node): HessianSum() for layer in convs}
     quota = max(1, MAX_ROWS // len(samples))
     for start in range(0, len(samples), SAMPLE_CHUNK):
         captured = capture(model, samples[start : start + SAMPLE_CHUNK], wanted)
         for layer in convs:
             for i, a in enumerate(captured[layer.node.inputs[0].name]):
-                sums[f"conv:{layer.node.outputs[0].name}"].add(a, layer.node, layer.shape, quota, seed=start + i)
+                sums[id(layer.node)].add(a, layer.node, layer.shape, quota, seed=start + i)
         del captured
-    return {key: acc.hessians() for key, acc in sums.items()}
+    out: dict[str, ConvInputs] = {}
+    for layer in convs:
+        out.setdefault(layer.node.inputs[0].name, ConvInputs())[layer.node.outputs[0].name] = ConvCalibration(sums[id(layer.node)].hessians())
+    return out

@@ -38,7 +38,7 @@ from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._gptq import gptq
-from graphopt.passes._qconv import conv_block, conv_gptq, conv_hessians_for
+from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened, note_search
@@ -123,7 +123,6 @@ class QuantizeWeights(GraphPass):
                 stats["ort_qdq_max_opset"] = best
                 return self._result(model, stats, [])
         activations = self._activations(model, candidates)
-        activations.update(conv_hessians_for(model, candidates, self.calibration.samples) if self.rounding == "gptq" and self.calibration else {})
         groups = _weight_groups(candidates)
         found: Search | None = None
         budget = self.budget(self.default_budget)  # what the runner holds this pass to
@@ -141,7 +140,7 @@ class QuantizeWeights(GraphPass):
         return self._result(model, stats, layers)
 
     def _quantize_all(self, model: ir.Model, candidates: list[LinearLayer], keep: set[int], per_tensor: bool,
-                      activations: dict[str, Any], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
+                      activations: dict[str, list[np.ndarray]], stats: Counter[str]) -> list[dict[str, Any]]:  # fmt: skip
         """Quantize every candidate but those at the positions in ``keep`` (recorded as float)."""
         names = NameSet(model)
         layers: list[dict[str, Any]] = []
@@ -152,8 +151,7 @@ class QuantizeWeights(GraphPass):
                 layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"})
                 stats["kept_float_sensitivity"] += 1
                 continue
-            key = f"conv:{layer.node.outputs[0].name}" if layer.kind == "conv" else layer.node.inputs[0].name if layer.kind != "matmul-left" else ""
-            record = self._quantize(layer, names, per_tensor, activations.get(key), made, activations)
+            record = self._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made)
             stats[record["choice"]] += 1
             if record.get("scales") == "per-tensor":
                 stats["per_tensor_scale"] += 1
@@ -162,7 +160,7 @@ class QuantizeWeights(GraphPass):
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return layers
 
-    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, Any], budget: Tolerance, stats: Counter[str]) -> Search | None:
+    def _search(self, model: ir.Model, groups: list[int], per_tensor: bool, activations: dict[str, list[np.ndarray]], budget: Tolerance, stats: Counter[str]) -> Search | None:
         """Layers (keys: first candidate position of each weight) kept in float so the model meets the
         budget plus ``margin`` on a few calibration rows (``_qsearch.keep_float_search``)."""
         samples = list(self.calibration.samples) if self.calibration else None
@@ -258,17 +256,18 @@ class QuantizeWeights(GraphPass):
         overhead = 3 * name + 60 + 4 * max(groups, 1)  # names (+_q, _s, _dq), node and tensor headers, scales
         return n * self.bits // 8 + overhead < n * 4
 
-    def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, Any]:
-        """GPTQ's data: MatMul/Gemm input activations by input name, and (``conv_hessians_for``) Conv
-        Hessians by ``conv:<output name>``; GPTQ results get added as ``gptq:...`` while quantizing."""
+    def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
+        """GPTQ's data by input name: MatMul/Gemm input activations, or for a Conv input a
+        ``_qconv.ConvInputs`` (per reading Conv: its im2col Hessians, and its GPTQ result once made)."""
         if self.rounding != "gptq" or self.calibration is None:
             return {}
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
-        return capture(model, self.calibration.samples, wanted)
+        out: dict[str, Any] = capture(model, self.calibration.samples, wanted)
+        for name, convs in conv_calibration(model, layers, self.calibration.samples).items():
+            out.setdefault(name, convs)  # a tensor read by a MatMul too: its Convs get plain rounding
+        return out
 
-    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: Any, made: list[ir.Value], done: dict[str, Any]) -> dict[str, Any]:
-        """``acts``: the MatMul/Gemm's input activations or the Conv's per-group Hessians (GPTQ);
-        ``done`` keeps GPTQ results by layer output (the search rebuilds clones of the same model)."""
+    def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value]) -> dict[str, Any]:
         node, w = layer.node, layer.tensor.numpy()
         record: dict[str, Any] = {"name": layer.name, "op": node.op_type, "shape": list(w.shape), "bits": self.bits}
         if layer.kind == "gemm" and (self.bits == 4 or self.blocked) and node.attributes.get_int("transA", 0) == 0:
@@ -280,14 +279,15 @@ class QuantizeWeights(GraphPass):
         qt = qtype(self.bits, signed)
         axis, block = self._layout(layer, per_tensor)
         search = self.rounding in ("mse", "gptq")
-        cached = f"gptq:{node.outputs[0].name}:{axis}:{block}"
-        if self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm", "conv") and (block or axis == layer.output_axis):
-            if cached not in done and layer.kind == "conv":
-                done[cached] = conv_gptq(w, acts, qt, block_size=block, symmetric=self.symmetric, search=True)
-            elif cached not in done:
-                w_nk = layer.matrix().T
-                done[cached] = _from_nk(gptq(w_nk, rows(acts, w_nk.shape[1]), qt, block_size=block, symmetric=self.symmetric, search=True), layer)
-            qw = done[cached]
+        conv = acts.get(node.outputs[0].name) if isinstance(acts, ConvInputs) and layer.kind == "conv" and axis is not None else None
+        if conv is not None:  # per group on im2col Hessians; made once per run, the search's clones reuse it
+            qw = conv.gptq(w, qt, block_size=block, symmetric=self.symmetric)
+            record["rounding"] = "gptq"
+        elif self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
+            w_nk = layer.matrix().T
+            x = rows(acts, w_nk.shape[1])
+            g = gptq(w_nk, x, qt, block_size=block, symmetric=self.symmetric, search=True)
+            qw = _from_nk(g, layer)
             record["rounding"] = "gptq"
         else:
             qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)

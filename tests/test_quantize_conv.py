@@ -182,7 +182,7 @@ def test_gptq_through_the_pass_and_search_reuses_it(monkeypatch: pytest.MonkeyPa
     assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
     calls = []
     real = _qconv.conv_gptq
-    monkeypatch.setattr("graphopt.passes.quantize_weights.conv_gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("graphopt.passes._qconv.conv_gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = model.clone()
     result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", target_sqnr=90.0), m, calib)  # unreachable: the search runs
     assert result.stats["search_runs"] >= 2 and len(calls) == 1  # one GPTQ, reused by every candidate the search built
