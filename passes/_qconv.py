@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.activations import capture
-from graphopt.passes._gptq import gptq_h
-from graphopt.passes._qmath import QType, QuantizedWeight
+from graphopt.activations import capture, rows
+from graphopt.passes._gptq import gptq, gptq_h
+from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight
 
 MAX_ROWS = 4096
 """im2col rows (output positions) sampled per Conv for its Hessian."""
@@ -213,4 +213,27 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
     out: dict[str, ConvInputs] = {}
     for layer in convs:
         out.setdefault(layer.node.inputs[0].name, ConvInputs())[layer.node.outputs[0].name] = ConvCalibration(sums[id(layer.node)].hessians())
+    return out
+
+
+def static_gptq_weights(model: ir.Model, layers: Sequence, samples: Sequence, per_channel: bool) -> dict[tuple[int, int | None], QuantizedWeight]:
+    """quantize-static's weight cache (``_qstatic.apply_plan``: ``(id(tensor), axis)`` -> int8
+    symmetric weight) filled with GPTQ roundings of ``layers`` (Conv per group on im2col Hessians,
+    MatMul/Gemm on their captured inputs), per output channel; per-tensor scales keep plain rounding."""
+    if not per_channel or not samples:
+        return {}
+    qt = QTYPES["int8"]
+    out: dict[tuple[int, int | None], QuantizedWeight] = {}
+    for convs in conv_calibration(model, layers, samples).values():
+        for layer in layers:
+            if layer.kind == "conv" and layer.node.outputs[0].name in convs:
+                out[(id(layer.tensor), 0)] = convs[layer.node.outputs[0].name].gptq(layer.tensor.numpy(), qt, block_size=0, symmetric=True)
+    dense = [layer for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph]
+    acts = capture(model, samples, sorted({layer.node.inputs[0].name for layer in dense}))
+    for layer in dense:
+        w_nk = layer.matrix().T
+        g = gptq(w_nk, rows(acts[layer.node.inputs[0].name], w_nk.shape[1]), qt, block_size=0, symmetric=True, search=True)
+        if layer.output_axis == 1:  # the stored weight is [K, N]
+            g = QuantizedWeight(np.ascontiguousarray(g.q.T), g.scale, g.zero_point, qt, axis=1)
+        out[(id(layer.tensor), layer.output_axis)] = g
     return out

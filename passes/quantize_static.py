@@ -36,6 +36,7 @@ from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
+from graphopt.passes._qconv import static_gptq_weights
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms, note_search
@@ -71,6 +72,7 @@ class QuantizeStatic(GraphPass):
     target_sqnr: float | None = option(None, "SQNR (dB, calibration data, deploy level) the search aims at instead of the budget's plus margin")
     search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
+    rounding: Literal["nearest", "gptq"] = option("nearest", "int8 weights: round to nearest, or GPTQ (error feedback on the calibration data; Conv per group on im2col rows, MatMul, Gemm)")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
 
     def call(self, model: ir.Model) -> PassResult:
@@ -124,7 +126,7 @@ class QuantizeStatic(GraphPass):
         ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
-        cache: dict = {}
+        cache: dict = static_gptq_weights(model, [layer for i in plan.compute if (layer := as_linear_layer(nodes[i])) is not None], samples, per_channel) if self.rounding == "gptq" else {}
 
         def build(keep: set[int] | None, target: ir.Model | None = None) -> tuple[ir.Model, Plan]:
             if keep is None:

@@ -218,3 +218,23 @@ def test_shared_or_computed_conv_weight_is_left_alone() -> None:
     model = ir.from_proto(computed)
     result = QuantizeWeights(bits=4, conv_block_size=16)(model)
     assert not result.modified and not any(n.op_type == "DequantizeLinear" for n in model.graph)
+
+
+def test_static_gptq_weights_beat_nearest_on_trained_cnn() -> None:
+    from graphopt.passes.quantize_static import QuantizeStatic
+
+    model = ir.load(MODELS / "digits_cnn.onnx")
+    samples, _ = load_npz(MODELS / "digits_cnn_test.npz", model)
+    x = samples[0]["input"]
+    calib, test = [{"input": x[:100]}], [{"input": x[100:]}]
+    reference = outputs(model, test)
+    sqnr, weights = {}, {}
+    for rounding in ("nearest", "gptq"):
+        m = model.clone()
+        assert calibrated_run(QuantizeStatic(rounding=rounding, search=False), m, calib).modified
+        dqs = [n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+        weights[rounding] = [(constant_array(n.inputs[0]), n.attributes.get_int("axis", 1)) for n in dqs]
+        sqnr[rounding] = deploy_sqnr(m, test, reference)
+    assert [(q.shape, a) for q, a in weights["gptq"]] == [(q.shape, a) for q, a in weights["nearest"]]  # same layout
+    assert any(not np.array_equal(g, n) for (g, _), (n, _) in zip(weights["gptq"], weights["nearest"]))
+    assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
