@@ -21,6 +21,15 @@ BATCH = 128
 """Columns per lazy-batch update."""
 
 
+class Inputs(list):
+    """A layer input's captured activations (one array per sample), and the GPTQ results made
+    from them in one pass run (``done``: the search quantizes clones of the model many times)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        self.done: dict = {}
+
+
 def hessian(x: np.ndarray) -> np.ndarray:
     """``2 X^T X / rows`` (float64) of inputs ``X[rows, K]``."""
     x = np.asarray(x, dtype=np.float64)

@@ -37,7 +37,7 @@ from graphopt.layers import LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
-from graphopt.passes._gptq import gptq
+from graphopt.passes._gptq import Inputs, gptq
 from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
@@ -262,7 +262,7 @@ class QuantizeWeights(GraphPass):
         if self.rounding != "gptq" or self.calibration is None:
             return {}
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
-        out: dict[str, Any] = capture(model, self.calibration.samples, wanted)
+        out: dict[str, Any] = {name: Inputs(arrays) for name, arrays in capture(model, self.calibration.samples, wanted).items()}
         for name, convs in conv_calibration(model, layers, self.calibration.samples).items():
             out.setdefault(name, convs)  # a tensor read by a MatMul too: its Convs get plain rounding
         return out
@@ -284,10 +284,12 @@ class QuantizeWeights(GraphPass):
             qw = conv.gptq(w, qt, block_size=block, symmetric=self.symmetric)
             record["rounding"] = "gptq"
         elif self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
-            w_nk = layer.matrix().T
-            x = rows(acts, w_nk.shape[1])
-            g = gptq(w_nk, x, qt, block_size=block, symmetric=self.symmetric, search=True)
-            qw = _from_nk(g, layer)
+            done = getattr(acts, "done", {})  # the search rebuilds clones: one GPTQ per weight and run
+            key = (layer.weight.name, axis, block, qt.name)
+            if key not in done:
+                w_nk = layer.matrix().T
+                done[key] = _from_nk(gptq(w_nk, rows(acts, w_nk.shape[1]), qt, block_size=block, symmetric=self.symmetric, search=True), layer)
+            qw = done[key]
             record["rounding"] = "gptq"
         else:
             qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)

@@ -238,3 +238,24 @@ def test_static_gptq_weights_beat_nearest_on_trained_cnn() -> None:
     assert [(q.shape, a) for q, a in weights["gptq"]] == [(q.shape, a) for q, a in weights["nearest"]]  # same layout
     assert any(not np.array_equal(g, n) for (g, _), (n, _) in zip(weights["gptq"], weights["nearest"]))
     assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
+
+
+def test_search_reuses_matmul_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
+    h, T = onnx.helper, onnx.TensorProto
+    w1, w2 = (RNG.standard_normal(s).astype(np.float32) for s in ((64, 64), (64, 32)))
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["r"]), h.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 64])], [h.make_tensor_value_info("y", T.FLOAT, ["n", 32])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.from_proto(proto)
+    calib = [{"x": RNG.standard_normal((16, 64)).astype(np.float32)} for _ in range(2)]
+    import graphopt.passes.quantize_weights as qw_module
+
+    calls = []
+    real = qw_module.gptq
+    monkeypatch.setattr(qw_module, "gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = calibrated_run(QuantizeWeights(bits=4, block_size=16, rounding="gptq", target_sqnr=90.0), model, calib)
+    assert result.stats["search_runs"] >= 2 and len(calls) == 2  # one per weight, whatever the search built
