@@ -73,6 +73,7 @@ class QuantizeWeights(GraphPass):
     blocked: bool = option(False, "8 bits: scales per block of the reduction axis like 4 bits (opset 21; ORT runs MatMul ones as MatMulNBits)")
     format: Literal["qdq", "matmulnbits"] = option("qdq", "4 bits: DequantizeLinear (standard ONNX) or com.microsoft MatMulNBits")
     conv_block_size: int = option(32, "4 bits (or blocked 8 bits): Conv scales per this many input channels at each kernel position where that makes >= 2 blocks (0: per output channel)")
+    conv_block_min_gain: float = option(3.0, "Conv blocks only where they raise the weight's SQNR by this many dB over per-output-channel scales (Gaussian weights gain ~2 dB at 32)")
     rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
@@ -278,6 +279,12 @@ class QuantizeWeights(GraphPass):
         signed = self.signed and self.format != "matmulnbits"
         qt = qtype(self.bits, signed)
         axis, block = self._layout(layer, per_tensor)
+        if layer.kind == "conv" and block and self.conv_block_min_gain > 0:  # blocks cost a scale per 32 weights: only where they pay
+            blocked, channel = (min(sqnr_db(w, quantize_weight(w, qt, axis=a, block_size=b).dequantized()), 300.0) for a, b in ((1, block), (0, 0)))
+            gain = blocked - channel
+            record["block_gain_db"] = round(min(gain, 300.0), 2)
+            if gain < self.conv_block_min_gain:
+                axis, block = 0, 0
         search = self.rounding in ("mse", "gptq")
         conv = acts.get(node.outputs[0].name) if isinstance(acts, ConvInputs) and layer.kind == "conv" and axis is not None else None
         if conv is not None:  # per group on im2col Hessians; made once per run, the search's clones reuse it

@@ -143,7 +143,7 @@ def test_int8_blocked_conv() -> None:
     model = _conv_model(64, 16, (1, 1), hw=(6, 6))
     data = _data(model, n=2)
     reference = outputs(model, data)
-    assert QuantizeWeights(blocked=True, conv_block_size=16)(model).modified
+    assert QuantizeWeights(blocked=True, conv_block_size=16, conv_block_min_gain=0)(model).modified
     dq = _dq(model)
     assert (dq.attributes.get_int("axis"), dq.attributes.get_int("block_size")) == (1, 16)
     assert constant_array(dq.inputs[0]).dtype == np.int8 and constant_array(dq.inputs[1]).shape == (16, 4, 1, 1)
@@ -176,7 +176,7 @@ def test_gptq_through_the_pass_and_search_reuses_it(monkeypatch: pytest.MonkeyPa
     sqnr = {}
     for rounding in ("nearest", "gptq"):
         m = model.clone()
-        result = calibrated_run(QuantizeWeights(bits=4, rounding=rounding, search=False), m, calib)
+        result = calibrated_run(QuantizeWeights(bits=4, rounding=rounding, search=False, conv_block_min_gain=0), m, calib)
         assert result.layers[0]["rounding"] == ("gptq" if rounding == "gptq" else "nearest") and result.layers[0]["scales"] == "blocked"
         sqnr[rounding] = deploy_sqnr(m, calib, reference)
     assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
@@ -184,8 +184,22 @@ def test_gptq_through_the_pass_and_search_reuses_it(monkeypatch: pytest.MonkeyPa
     real = _qconv.conv_gptq
     monkeypatch.setattr("graphopt.passes._qconv.conv_gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = model.clone()
-    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", target_sqnr=90.0), m, calib)  # unreachable: the search runs
+    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", target_sqnr=90.0, conv_block_min_gain=0), m, calib)  # unreachable: the search runs
     assert result.stats["search_runs"] >= 2 and len(calls) == 1  # one GPTQ, reused by every candidate the search built
+
+
+def test_blocks_only_where_they_pay() -> None:
+    """Gaussian weights gain ~2 dB from blocks of 32 channels: per output channel; a weight whose
+    input channels differ in scale (what folded BatchNorms and outlier channels leave) gains more: blocked."""
+    plain = _conv_model(128, 32, (1, 1), hw=(4, 4))
+    result = QuantizeWeights(bits=4, search=False)(plain)
+    assert result.layers[0]["scales"] == "per-channel" and 0 < result.layers[0]["block_gain_db"] < 3.0
+    skewed = _conv_model(128, 32, (1, 1), hw=(4, 4))
+    w = constant_array(skewed.graph.node(0).inputs[1])
+    skewed.graph.initializers["w"].const_value = ir.tensor(w * np.exp(2 * RNG.standard_normal((1, 128, 1, 1))).astype(np.float32))
+    result = QuantizeWeights(bits=4, search=False)(skewed)
+    assert result.layers[0]["scales"] == "blocked" and result.layers[0]["block_gain_db"] >= 3.0
+    assert (_dq(skewed).attributes.get_int("axis"), _dq(skewed).attributes.get_int("block_size")) == (1, 32)
 
 
 def test_depthwise_and_small_fan_in_stay_per_channel() -> None:
