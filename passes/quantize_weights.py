@@ -8,8 +8,9 @@ Layouts, all in the form onnxruntime fuses:
   into MatMulNBits at its default level; Gemm (``transA=0``) is rewritten to MatMul (+ Add bias)
   for that; Conv weights ``[O, C/g, *kernel]`` blocked along the input channels (``axis=1``,
   ``conv_block_size`` channels per scale at each kernel position) where that makes two blocks or
-  more, else per output channel (depthwise, small fan-in). ORT keeps the Conv's DequantizeLinear
-  as its own node before a float Conv at every level (as for per-channel): no speed change. ``format=matmulnbits`` writes the contrib op
+  more and beats per-channel scales by ``conv_block_min_gain`` dB of weight SQNR, else per output
+  channel (depthwise, small fan-in, Gaussian-like weights; ``_qconv``). ORT keeps a Conv's
+  DequantizeLinear as its own node before a float Conv either way. ``format=matmulnbits`` writes the contrib op
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
