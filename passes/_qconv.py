@@ -22,6 +22,7 @@ Used by quantize-weights (``rounding=gptq``, 4 and 8 bits) and quantize-static
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -32,10 +33,16 @@ from graphopt.activations import capture, rows
 from graphopt.passes._gptq import gptq, gptq_h
 from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight
 
+logger = logging.getLogger(__name__)
+
 MAX_ROWS = 4096
 """im2col rows (output positions) sampled per Conv for its Hessian."""
 CHUNK_ELEMENTS = 1 << 24
 """Bound on the float32 elements of one im2col slice held at a time (64 MB)."""
+MAX_COLUMNS = 4608
+"""Convs with more columns per group (``(C/g)·prod(kernel)``; 512 x 3x3 is 4608) keep plain rounding."""
+MAX_HESSIAN_BYTES = 1 << 30
+"""Bound on the float32 Hessians held for one pass run; the Convs past it keep plain rounding."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +123,17 @@ class HessianSum:
         k = c // geo.group * p
         pos = sample_positions(x.shape[0] * int(np.prod(out_size(geo, x.shape[2:]))), limit, seed)
         if self.h is None:
-            self.h = np.zeros((geo.group, k, k))
+            self.h = np.zeros((geo.group, k, k), np.float32)
         per_chunk = max(1, CHUNK_ELEMENTS // max(1, c * p))
         for start in range(0, len(pos), per_chunk):
-            cols = im2col(x, geo, pos[start : start + per_chunk]).reshape(-1, geo.group, k).transpose(1, 0, 2).astype(np.float64)  # [g, rows, K]
+            cols = im2col(x, geo, pos[start : start + per_chunk]).reshape(-1, geo.group, k).transpose(1, 0, 2)  # [g, rows, K] float32
             self.h += np.matmul(cols.transpose(0, 2, 1), cols)
             self.rows += cols.shape[1]
 
     def hessians(self) -> np.ndarray:
-        """``2 X_g^T X_g / rows``: ``[group, K, K]``, K = (C/group)·prod(kernel) in the weight's (channel, kernel) order."""
+        """``2 X_g^T X_g / rows``: ``[group, K, K]`` (float32), K = (C/group)·prod(kernel) in the weight's (channel, kernel) order."""
         assert self.h is not None
-        return self.h * (2.0 / max(self.rows, 1))
+        return self.h * np.float32(2.0 / max(self.rows, 1))
 
 
 def conv_hessians(arrays: Sequence[np.ndarray], node: ir.Node, w_shape: Sequence[int], limit: int = MAX_ROWS) -> np.ndarray:
@@ -203,7 +210,17 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
     """Per Conv input name, the :class:`ConvCalibration` of every Conv among ``layers``
     (``graphopt.layers.LinearLayer``) in the main graph reading it, on the calibration ``samples``
     (each contributes ``MAX_ROWS / len(samples)`` im2col rows)."""
-    convs = [layer for layer in layers if layer.kind == "conv" and layer.node.graph is model.graph and layer.node.inputs[0] is not None]
+    convs, held = [], 0
+    for layer in layers:
+        if layer.kind != "conv" or layer.node.graph is not model.graph or layer.node.inputs[0] is None:
+            continue
+        k = int(np.prod(layer.shape[1:]))
+        need = layer.group * k * k * 4
+        if k > MAX_COLUMNS or held + need > MAX_HESSIAN_BYTES:
+            logger.info("%s: %d columns per group, %d MB of Hessians held: plain rounding", layer.name, k, held >> 20)
+            continue
+        held += need
+        convs.append(layer)
     if not convs or not samples:
         return {}
     wanted = sorted({layer.node.inputs[0].name for layer in convs})

@@ -79,7 +79,7 @@ def test_im2col_rows_times_weight_is_the_conv(dims: tuple, attrs: dict) -> None:
     h = _qconv.conv_hessians([data[0]["x"]], model.graph.node(0), w.shape)
     x0 = cols[:, :cg].reshape(len(cols), -1).astype(np.float64)
     assert h.shape == (group, cg * int(np.prod(kernel)), cg * int(np.prod(kernel)))
-    np.testing.assert_allclose(h[0], 2 * x0.T @ x0 / len(cols), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h[0], 2 * x0.T @ x0 / len(cols), rtol=1e-4, atol=1e-5)
 
 
 def test_hessian_rows_are_bounded() -> None:
@@ -273,3 +273,10 @@ def test_search_reuses_matmul_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qw_module, "gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = calibrated_run(QuantizeWeights(bits=4, block_size=16, rounding="gptq", target_sqnr=90.0), model, calib)
     assert result.stats["search_runs"] >= 2 and len(calls) == 2  # one per weight, whatever the search built
+
+
+def test_conv_too_wide_for_a_hessian_keeps_plain_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_qconv, "MAX_COLUMNS", 64 * 9 - 1)  # the 64 x 3x3 conv below has 576 columns
+    model = _conv_model(64, 32, (3, 3), hw=(6, 6), pads=[1, 1, 1, 1])
+    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", search=False), model, _data(model, n=2))
+    assert result.modified and result.layers[0]["rounding"] == "mse"  # gptq's range search, without the Hessian
