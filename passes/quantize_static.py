@@ -36,12 +36,12 @@ from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._calibrate import Method
-from graphopt.passes._qconv import static_gptq_weights
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_rows, tightened, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
+from graphopt.passes._qconv import static_gptq_weights
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class QuantizeStatic(GraphPass):
         ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
-        cache: dict = static_gptq_weights(model, [layer for i in plan.compute if (layer := as_linear_layer(nodes[i])) is not None], samples, per_channel) if self.rounding == "gptq" else {}
+        cache: dict = {}
 
         def build(keep: set[int] | None, target: ir.Model | None = None) -> tuple[ir.Model, Plan]:
             if keep is None:
@@ -136,6 +136,8 @@ class QuantizeStatic(GraphPass):
             apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name, cache)
             return m, p
 
+        if self.rounding == "gptq":  # apply_plan takes the weights from its cache
+            cache.update(static_gptq_weights(model, [layer for i in plan.compute if (layer := as_linear_layer(nodes[i])) is not None], samples, per_channel))
         layers: dict[int, dict[str, Any]] = {i: {"name": labels[i], "op": nodes[i].op_type, "choice": "int8"} for i in plan.compute}
         keep = _mask_nodes(model, plan, masks, lambda k: make_plan(model, self.ops, self.exclude, k, floats))
         for i in keep:

@@ -38,11 +38,12 @@ from graphopt.layers import LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
-from graphopt.passes._gptq import Inputs, gptq
-from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
+from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_rows, tightened, note_search
+from graphopt.passes._gptq import Inputs
+from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
