@@ -47,6 +47,7 @@ from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
+from graphopt.passes._qconv import static_gptq_weights
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class QuantizeStatic(GraphPass):
     target_sqnr: float | None = option(None, "SQNR (dB, calibration data, deploy level) the search aims at instead of the budget's plus margin")
     search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
+    rounding: Literal["nearest", "gptq"] = option("nearest", "int8 weights: round to nearest, or GPTQ (error feedback on the calibration data; Conv per group on im2col rows, MatMul, Gemm)")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
     bias_correction: bool = option(True, "subtract each int8 Conv/Gemm/MatMul's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
 
@@ -143,6 +145,8 @@ class QuantizeStatic(GraphPass):
             apply_plan(m, p, group_params(p, ranges, qt), qt, per_channel, self.name, cache, means, notes if target is not None else None)
             return m, p
 
+        if self.rounding == "gptq":  # apply_plan takes the weights from its cache
+            cache.update(static_gptq_weights(model, [layer for i in plan.compute if (layer := as_linear_layer(nodes[i])) is not None], samples, per_channel))
         layers: dict[int, dict[str, Any]] = {i: {"name": labels[i], "op": nodes[i].op_type, "choice": "int8"} for i in plan.compute}
         keep = _mask_nodes(model, plan, masks, lambda k: make_plan(model, self.ops, self.exclude, k, floats))
         for i in keep:

@@ -6,7 +6,11 @@ Layouts, all in the form onnxruntime fuses:
   Conv; opset 13) or per tensor (opset 10).
 - 4 bits: MatMul weights ``[K, N]`` blocked along K (``block_size``, opset 21), which ORT turns
   into MatMulNBits at its default level; Gemm (``transA=0``) is rewritten to MatMul (+ Add bias)
-  for that; Conv weights per output channel. ``format=matmulnbits`` writes the contrib op
+  for that; Conv weights ``[O, C/g, *kernel]`` blocked along the input channels (``axis=1``,
+  ``conv_block_size`` channels per scale at each kernel position) where that makes two blocks or
+  more and beats per-channel scales by ``conv_block_min_gain`` dB of weight SQNR, else per output
+  channel (depthwise, small fan-in, Gaussian-like weights; ``_qconv``). ORT keeps a Conv's
+  DequantizeLinear as its own node before a float Conv either way. ``format=matmulnbits`` writes the contrib op
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
@@ -39,6 +43,8 @@ from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_goal, search_rows, note_search
+from graphopt.passes._gptq import Inputs
+from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -69,7 +75,9 @@ class QuantizeWeights(GraphPass):
     block_size: int = option(128, "4 bits (or blocked 8 bits): weights per scale along the reduction axis (power of 2, >= 16)")
     blocked: bool = option(False, "8 bits: scales per block of the reduction axis like 4 bits (opset 21; ORT runs MatMul ones as MatMulNBits)")
     format: Literal["qdq", "matmulnbits"] = option("qdq", "4 bits: DequantizeLinear (standard ONNX) or com.microsoft MatMulNBits")
-    rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm)")
+    conv_block_size: int = option(32, "4 bits (or blocked 8 bits): Conv scales per this many input channels at each kernel position where that makes >= 2 blocks (0: per output channel)")
+    conv_block_min_gain: float = option(3.0, "Conv blocks only where they raise the weight's SQNR by this many dB over per-output-channel scales (Gaussian weights gain ~2 dB at 32)")
+    rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
@@ -201,6 +209,8 @@ class QuantizeWeights(GraphPass):
             raise UsageError(f"quantize-weights: block-size={self.block_size}: use a power of 2 >= 16")
         if self.format == "matmulnbits" and self.bits != 4:
             raise UsageError("quantize-weights: format=matmulnbits needs bits=4")
+        if self.conv_block_size < 0:
+            raise UsageError(f"quantize-weights: conv-block-size={self.conv_block_size}: use 0 (per output channel) or a block size")
 
     def _opset_needed(self) -> int:
         if self.bits == 4:
@@ -247,15 +257,23 @@ class QuantizeWeights(GraphPass):
         """Would the quantized weight, its scales and a DequantizeLinear node take fewer bytes than the float weight?"""
         n = int(np.prod(layer.shape))
         groups = n // self.block_size if (self.bits == 4 or self.blocked) else layer.shape[layer.output_axis]
+        if layer.kind == "conv" and (self.bits == 4 or self.blocked):
+            block = conv_block(layer.shape[1], self.conv_block_size)
+            groups = n // layer.shape[1] * -(-layer.shape[1] // block) if block else layer.shape[0]
         name = len(layer.weight.name or "w")
         overhead = 3 * name + 60 + 4 * max(groups, 1)  # names (+_q, _s, _dq), node and tensor headers, scales
         return n * self.bits // 8 + overhead < n * 4
 
     def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
+        """GPTQ's data by input name: MatMul/Gemm input activations, or for a Conv input a
+        ``_qconv.ConvInputs`` (per reading Conv: its im2col Hessians, and its GPTQ result once made)."""
         if self.rounding != "gptq" or self.calibration is None:
             return {}
         wanted = sorted({layer.node.inputs[0].name for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph})
-        return capture(model, self.calibration.samples, wanted)
+        out: dict[str, Any] = {name: Inputs(arrays) for name, arrays in capture(model, self.calibration.samples, wanted).items()}
+        for name, convs in conv_calibration(model, layers, self.calibration.samples).items():
+            out.setdefault(name, convs)  # a tensor read by a MatMul too: its Convs get plain rounding
+        return out
 
     def _quantize(self, layer: LinearLayer, names: NameSet, per_tensor: bool, acts: list[np.ndarray] | None, made: list[ir.Value], means: dict | None = None) -> dict[str, Any]:
         node, w = layer.node, layer.tensor.numpy()
@@ -268,12 +286,24 @@ class QuantizeWeights(GraphPass):
         signed = self.signed and self.format != "matmulnbits"
         qt = qtype(self.bits, signed)
         axis, block = self._layout(layer, per_tensor)
+        if layer.kind == "conv" and block and self.conv_block_min_gain > 0:  # blocks cost a scale per 32 weights: only where they pay
+            blocked, channel = (min(sqnr_db(w, quantize_weight(w, qt, axis=a, block_size=b).dequantized()), 300.0) for a, b in ((1, block), (0, 0)))
+            gain = blocked - channel
+            record["block_gain_db"] = round(min(gain, 300.0), 2)
+            if gain < self.conv_block_min_gain:
+                axis, block = 0, 0
         search = self.rounding in ("mse", "gptq")
-        if self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
-            w_nk = layer.matrix().T
-            x = rows(acts, w_nk.shape[1])
-            g = gptq(w_nk, x, qt, block_size=block, symmetric=self.symmetric, search=True)
-            qw = _from_nk(g, layer)
+        conv = acts.get(node.outputs[0].name) if isinstance(acts, ConvInputs) and layer.kind == "conv" and axis is not None else None
+        if conv is not None:  # per group on im2col Hessians; made once per run, the search's clones reuse it
+            qw = conv.gptq(w, qt, block_size=block, symmetric=self.symmetric)
+            record["rounding"] = "gptq"
+        elif self.rounding == "gptq" and acts is not None and layer.kind in ("matmul", "gemm") and (block or axis == layer.output_axis):
+            done = getattr(acts, "done", {})  # the search rebuilds clones: one GPTQ per weight and run
+            key = (layer.weight.name, axis, block, qt.name)
+            if key not in done:
+                w_nk = layer.matrix().T
+                done[key] = _from_nk(gptq(w_nk, rows(acts, w_nk.shape[1]), qt, block_size=block, symmetric=self.symmetric, search=True), layer)
+            qw = done[key]
             record["rounding"] = "gptq"
         else:
             qw = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=self.symmetric, search=search)
@@ -301,7 +331,7 @@ class QuantizeWeights(GraphPass):
             made.extend(v for v in dq.producer().inputs[1:] if v is not None)
             record["format"] = "DequantizeLinear"
         drop_if_unused(old)
-        record["bytes_before"], record["bytes_after"] = int(w.size * 4), _bytes(qw)
+        record["bytes_before"], record["bytes_after"], record["scale_bytes"] = int(w.size * 4), _bytes(qw), int(qw.scale.size * 4)
         record["choice"] = "quantized"
         return record
 
@@ -311,8 +341,9 @@ class QuantizeWeights(GraphPass):
             return 0, 0
         if self.bits == 8 and not self.blocked:
             return (None, 0) if per_tensor or not self.per_channel else (layer.output_axis, 0)
-        if layer.kind == "conv":
-            return 0, 0  # per output channel; blocks would cut kernels apart
+        if layer.kind == "conv":  # blocks of input channels at each kernel position, or per output channel
+            block = conv_block(layer.shape[1], self.conv_block_size)
+            return (1, block) if block else (0, 0)
         return layer.reduction_axes[0], self.block_size
 
 
@@ -324,7 +355,8 @@ def _weight_groups(candidates: list[LinearLayer]) -> list[int]:
 
 
 def _bytes(qw: QuantizedWeight) -> int:
-    return (qw.q.size * qw.qt.bits + 7) // 8 + qw.scale.size * 4 + ((qw.zero_point.size * qw.qt.bits + 7) // 8)
+    zero_points = 0 if qw.qt.signed and not np.any(np.asarray(qw.zero_point)) else qw.zero_point.size  # add_dequantize leaves 0s out
+    return (qw.q.size * qw.qt.bits + 7) // 8 + qw.scale.size * 4 + (zero_points * qw.qt.bits + 7) // 8
 
 
 def _from_nk(g: QuantizedWeight, layer: LinearLayer) -> QuantizedWeight:

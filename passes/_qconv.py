@@ -1,0 +1,261 @@
+"""Conv weights for the quantize passes: im2col Hessians for GPTQ, and the blocked scale layout.
+
+A Conv with weight ``W[O, C/g, *kernel]`` is, per group ``g``, the product of its im2col rows
+``X_g[rows, (C/g)·prod(kernel)]`` (one row per output position: the input patch it reads, in the
+weight's ``(channel, kernel...)`` order) with ``W_g[O/g, (C/g)·prod(kernel)]^T``. So GPTQ runs per
+group on ``W_g`` with the Hessian ``2 X_g^T X_g / rows``; depthwise (``g == C``) is one tiny
+``prod(kernel)``-sized problem per channel. Strides, dilations, explicit pads and ``auto_pad`` are
+honoured; each calibration sample gives a fixed-seed sample of ``MAX_ROWS / samples`` output
+positions, which bounds time and memory whatever the resolution (measured on PP-OCR-rec and
+EfficientNet-Lite0: 2048 to 16384 rows give the same held-out layer error within 0.1 dB).
+
+Layouts: per output channel (``axis=0``), or blocked along the input channels (``axis=1``,
+``block_size`` B: one scale per B input channels at each kernel position, scales
+``[O, ceil((C/g)/B), *kernel]``; onnxruntime 1.32 loads it, B need not divide C/g, and runs the
+DequantizeLinear as its own node before a float Conv, as for per-channel scales). For the blocked
+one GPTQ sees the columns in ``(kernel position, channel)`` order, so each scale group is contiguous.
+
+Used by quantize-weights (``rounding=gptq``, 4 and 8 bits) and quantize-static
+(``rounding=gptq``: :func:`static_gptq_weights` fills its weight cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.activations import capture, rows
+from graphopt.passes._gptq import gptq, gptq_h
+from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 4096
+"""im2col rows (output positions) sampled per Conv for its Hessian."""
+CHUNK_ELEMENTS = 1 << 24
+"""Bound on the float32 elements of one im2col slice held at a time (64 MB)."""
+MAX_COLUMNS = 4608
+"""Convs with more columns per group (``(C/g)·prod(kernel)``; 512 x 3x3 is 4608) keep plain rounding."""
+MAX_HESSIAN_BYTES = 1 << 30
+"""Bound on the float32 Hessians held for one pass run; the Convs past it keep plain rounding."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as the ONNX attribute
+    group: int
+
+
+def geometry(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int]) -> ConvGeometry:
+    """The Conv's attributes resolved for an input of ``x_shape`` (``auto_pad`` turned into pads)."""
+    kernel = tuple(int(d) for d in w_shape[2:])
+    nd = len(kernel)
+    a = node.attributes
+    strides = tuple(a.get_ints("strides", None) or [1] * nd)
+    dilations = tuple(a.get_ints("dilations", None) or [1] * nd)
+    auto = a.get_string("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        pads = tuple(begins + ends)
+    elif auto == "VALID":
+        pads = (0,) * (2 * nd)
+    else:
+        pads = tuple(a.get_ints("pads", None) or [0] * (2 * nd))
+    return ConvGeometry(kernel, strides, dilations, pads, a.get_int("group", 1))
+
+
+def out_size(geo: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
+    nd = len(geo.kernel)
+    return tuple(
+        (spatial[i] + geo.pads[i] + geo.pads[nd + i] - geo.dilations[i] * (geo.kernel[i] - 1) - 1) // geo.strides[i] + 1 for i in range(nd)
+    )
+
+
+def im2col(x: np.ndarray, geo: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
+    """Patches ``[rows, C, prod(kernel)]`` (float32) of ``x[N, C, *spatial]``: every output position
+    (``positions`` None, in (n, *out) order) or the given flat indices into ``[N, *out]``."""
+    x = np.asarray(x, dtype=np.float32)
+    nd = len(geo.kernel)
+    outs = out_size(geo, x.shape[2:])
+    if positions is None:
+        positions = np.arange(x.shape[0] * int(np.prod(outs)))
+    idx = np.unravel_index(positions, (x.shape[0], *outs))
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(geo.pads[i], geo.pads[nd + i]) for i in range(nd)])
+    cols = []
+    for offset in np.ndindex(*geo.kernel):
+        coords = tuple(idx[1 + i] * geo.strides[i] + offset[i] * geo.dilations[i] for i in range(nd))
+        cols.append(padded[(idx[0], slice(None), *coords)])  # [rows, C]
+    return np.stack(cols, axis=-1)
+
+
+def sample_positions(count: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted flat output positions: all ``count`` of them, or a fixed-seed uniform sample of ``limit``."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
+
+
+class HessianSum:
+    """Accumulates ``X_g^T X_g`` per group over sampled im2col rows of a Conv's inputs."""
+
+    def __init__(self) -> None:
+        self.h: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, x: np.ndarray, node: ir.Node, w_shape: Sequence[int], limit: int, seed: int) -> None:
+        """``x[N, C, *spatial]``: one input batch of the Conv; at most ``limit`` of its output positions are used."""
+        x = np.asarray(x, dtype=np.float32)
+        geo = geometry(node, x.shape, w_shape)
+        c, p = x.shape[1], int(np.prod(geo.kernel))
+        k = c // geo.group * p
+        pos = sample_positions(x.shape[0] * int(np.prod(out_size(geo, x.shape[2:]))), limit, seed)
+        if self.h is None:
+            self.h = np.zeros((geo.group, k, k), np.float32)
+        per_chunk = max(1, CHUNK_ELEMENTS // max(1, c * p))
+        for start in range(0, len(pos), per_chunk):
+            cols = im2col(x, geo, pos[start : start + per_chunk]).reshape(-1, geo.group, k).transpose(1, 0, 2)  # [g, rows, K] float32
+            self.h += np.matmul(cols.transpose(0, 2, 1), cols)
+            self.rows += cols.shape[1]
+
+    def hessians(self) -> np.ndarray:
+        """``2 X_g^T X_g / rows``: ``[group, K, K]`` (float32), K = (C/group)·prod(kernel) in the weight's (channel, kernel) order."""
+        assert self.h is not None
+        return self.h * np.float32(2.0 / max(self.rows, 1))
+
+
+def conv_hessians(arrays: Sequence[np.ndarray], node: ir.Node, w_shape: Sequence[int], limit: int = MAX_ROWS) -> np.ndarray:
+    """Per-group Hessians of a Conv over input batches ``arrays`` (``limit`` rows shared evenly)."""
+    acc = HessianSum()
+    for i, a in enumerate(arrays):
+        acc.add(a, node, w_shape, max(1, limit // len(arrays)), seed=i)
+    return acc.hessians()
+
+
+def conv_gptq(w: np.ndarray, h: np.ndarray, qt: QType, *, block_size: int, symmetric: bool, search: bool) -> QuantizedWeight:
+    """GPTQ of a Conv weight ``W[O, C/g, *kernel]`` given its per-group Hessians (:func:`conv_hessians`).
+
+    ``block_size`` 0: per output channel (``axis=0``); else blocked along the input channels
+    (``axis=1``, the same layout as ``quantize_weight(w, qt, axis=1, block_size=B)``).
+    """
+    o, cg, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    p = int(np.prod(kernel))
+    groups = h.shape[0]
+    og = o // groups
+    q = np.zeros((o, cg, p), dtype=qt.numpy)
+    nb = math.ceil(cg / block_size) if block_size else 1
+    scale = np.zeros((o, nb, p) if block_size else (o,), np.float32)
+    zero = np.zeros(scale.shape, qt.numpy)
+    for g in range(groups):
+        rows = slice(g * og, (g + 1) * og)
+        w_g = w[rows].reshape(og, cg, p)
+        if not block_size:
+            qg, sg, zg = gptq_h(w_g.reshape(og, cg * p), h[g], qt, starts=None, symmetric=symmetric, search=search)
+            q[rows] = qg.reshape(og, cg, p)
+            scale[rows], zero[rows] = sg[:, 0], zg[:, 0]
+            continue
+        # columns in (kernel position, channel) order: each block of B channels at one position is contiguous
+        perm = (np.arange(cg)[None, :] * p + np.arange(p)[:, None]).reshape(-1)  # new column j -> old (c, p) column
+        starts = [pp * cg + c0 for pp in range(p) for c0 in range(0, cg, block_size)]
+        qg, sg, zg = gptq_h(w_g.transpose(0, 2, 1).reshape(og, p * cg), h[g][np.ix_(perm, perm)], qt, starts=starts, symmetric=symmetric, search=search)
+        q[rows] = qg.reshape(og, p, cg).transpose(0, 2, 1)
+        scale[rows] = sg.reshape(og, p, nb).transpose(0, 2, 1)
+        zero[rows] = zg.reshape(og, p, nb).transpose(0, 2, 1)
+    if block_size:
+        return QuantizedWeight(q.reshape(w.shape), scale.reshape(o, nb, *kernel), zero.reshape(o, nb, *kernel), qt, axis=1, block_size=block_size)
+    return QuantizedWeight(q.reshape(w.shape), scale, zero, qt, axis=0)
+
+
+def conv_block(cg: int, block_size: int) -> int:
+    """The block size along the input channels for a Conv with ``cg`` channels per group, or 0
+    (per output channel) when it would not make at least two blocks."""
+    return block_size if block_size and cg > block_size else 0
+
+
+SAMPLE_CHUNK = 4
+"""Calibration samples per onnxruntime run capturing every Conv input (Hessians are kept, activations dropped)."""
+
+
+@dataclasses.dataclass
+class ConvCalibration:
+    """One Conv's per-group Hessians, and its GPTQ results by layout (made once per pass run)."""
+
+    hessians: np.ndarray
+    done: dict[tuple, QuantizedWeight] = dataclasses.field(default_factory=dict)
+
+    def gptq(self, w: np.ndarray, qt: QType, *, block_size: int, symmetric: bool) -> QuantizedWeight:
+        key = (qt.name, block_size, symmetric, w.shape)
+        if key not in self.done:
+            self.done[key] = conv_gptq(w, self.hessians, qt, block_size=block_size, symmetric=symmetric, search=True)
+        return self.done[key]
+
+
+class ConvInputs(dict):
+    """Conv output name -> :class:`ConvCalibration`, for the Convs reading one tensor."""
+
+
+def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> dict[str, ConvInputs]:
+    """Per Conv input name, the :class:`ConvCalibration` of every Conv among ``layers``
+    (``graphopt.layers.LinearLayer``) in the main graph reading it, on the calibration ``samples``
+    (each contributes ``MAX_ROWS / len(samples)`` im2col rows)."""
+    convs, held = [], 0
+    for layer in layers:
+        if layer.kind != "conv" or layer.node.graph is not model.graph or layer.node.inputs[0] is None:
+            continue
+        k = int(np.prod(layer.shape[1:]))
+        need = layer.group * k * k * 4
+        if k > MAX_COLUMNS or held + need > MAX_HESSIAN_BYTES:
+            logger.info("%s: %d columns per group, %d MB of Hessians held: plain rounding", layer.name, k, held >> 20)
+            continue
+        held += need
+        convs.append(layer)
+    if not convs or not samples:
+        return {}
+    wanted = sorted({layer.node.inputs[0].name for layer in convs})
+    sums = {id(layer.node): HessianSum() for layer in convs}
+    quota = max(1, MAX_ROWS // len(samples))
+    for start in range(0, len(samples), SAMPLE_CHUNK):
+        captured = capture(model, samples[start : start + SAMPLE_CHUNK], wanted)
+        for layer in convs:
+            for i, a in enumerate(captured[layer.node.inputs[0].name]):
+                sums[id(layer.node)].add(a, layer.node, layer.shape, quota, seed=start + i)
+        del captured
+    out: dict[str, ConvInputs] = {}
+    for layer in convs:
+        out.setdefault(layer.node.inputs[0].name, ConvInputs())[layer.node.outputs[0].name] = ConvCalibration(sums[id(layer.node)].hessians())
+    return out
+
+
+def static_gptq_weights(model: ir.Model, layers: Sequence, samples: Sequence, per_channel: bool) -> dict[tuple[int, int | None], QuantizedWeight]:
+    """quantize-static's weight cache (``_qstatic.apply_plan``: ``(id(tensor), axis)`` -> int8
+    symmetric weight) filled with GPTQ roundings of ``layers`` (Conv per group on im2col Hessians,
+    MatMul/Gemm on their captured inputs), per output channel; per-tensor scales keep plain rounding."""
+    if not per_channel or not samples:
+        return {}
+    qt = QTYPES["int8"]
+    out: dict[tuple[int, int | None], QuantizedWeight] = {}
+    for convs in conv_calibration(model, layers, samples).values():
+        for layer in layers:
+            if layer.kind == "conv" and layer.node.outputs[0].name in convs:
+                out[(id(layer.tensor), 0)] = convs[layer.node.outputs[0].name].gptq(layer.tensor.numpy(), qt, block_size=0, symmetric=True)
+    dense = [layer for layer in layers if layer.kind in ("matmul", "gemm") and layer.node.graph is model.graph]
+    acts = capture(model, samples, sorted({layer.node.inputs[0].name for layer in dense}))
+    for layer in dense:
+        w_nk = layer.matrix().T
+        g = gptq(w_nk, rows(acts[layer.node.inputs[0].name], w_nk.shape[1]), qt, block_size=0, symmetric=True, search=True)
+        if layer.output_axis == 1:  # the stored weight is [K, N]
+            g = QuantizedWeight(np.ascontiguousarray(g.q.T), g.scale, g.zero_point, qt, axis=1)
+        out[(id(layer.tensor), layer.output_axis)] = g
+    return out
