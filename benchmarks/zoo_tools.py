@@ -49,6 +49,7 @@ GRAPHOPT = {
     "graphopt prune": "cleanup,prune-magnitude{sparsity=0.5},sparse-storage",
     "graphopt int8": "cleanup,quantize-static",
     "graphopt int8 weights": f"cleanup,quantize-weights{{gather=true,{INT8}}}",
+    "graphopt int8 weights gptq": f"cleanup,quantize-weights{{gather=true,rounding=gptq,{INT8}}}",
     "graphopt int8 dynamic": "cleanup,quantize-dynamic",
     "graphopt int4": "cleanup,quantize-weights{bits=4,rounding=gptq}",
     "graphopt combined": f"cleanup,prune-magnitude{{sparsity=0.3,{CHAIN}}},svd-split{{global-ratio=0.6,data-aware=true,{CHAIN}}},"
@@ -75,6 +76,7 @@ TOOLS: dict[str, Tool] = {
     "onnxsim prune": Tool("onnxsim prune", "onnxsim", "prune", "onnxsim.apply_magnitude_pruning(model, sparsity=0.5)"),
     "graphopt int8": Tool("graphopt int8", "graphopt", "int8", GRAPHOPT["graphopt int8"]),
     "graphopt int8 weights": Tool("graphopt int8 weights", "graphopt", "int8", GRAPHOPT["graphopt int8 weights"]),
+    "graphopt int8 weights gptq": Tool("graphopt int8 weights gptq", "graphopt", "int8", GRAPHOPT["graphopt int8 weights gptq"]),
     "graphopt int8 dynamic": Tool("graphopt int8 dynamic", "graphopt", "int8", GRAPHOPT["graphopt int8 dynamic"]),
     "onnxsim int8 dynamic": Tool("onnxsim int8 dynamic", "onnxsim", "int8", "onnxsim.quantize_dynamic(model)"),
     "onnxsim int8 static": Tool("onnxsim int8 static", "onnxsim", "int8", "onnxsim.quantize_static(model, calibration_data)"),
