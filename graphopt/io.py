@@ -219,16 +219,25 @@ def check_output_path(path: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done (main thread only; elsewhere a no-op)."""
+    """Hold SIGINT/SIGTERM until the block is done, then act on the first one that came (main thread
+    only; elsewhere a no-op). Python-level handlers, not the thread's signal mask: a process signal
+    may land on another thread (onnxruntime's pools), and Python still raises in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = old[signal.Signals(caught[0])]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

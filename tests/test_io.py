@@ -119,3 +119,23 @@ def test_load_directory_and_missing_external(tmp_path: Path) -> None:
     (src.parent / "m.weights").unlink()
     with pytest.raises(ModelError, match="external data file 'm.weights'"):
         io.load(src)
+
+
+def test_signals_deferred_holds_a_signal_another_thread_receives() -> None:
+    """A SIGINT taken by any thread (onnxruntime's pools exist while saving) is held until the
+    deferred block ends, then raised once in the main thread."""
+    import signal
+    import threading
+    import time
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with io._signals_deferred():
+            bystander = threading.Thread(target=time.sleep, args=(0.3,))  # a thread that doesn't block SIGINT: the kernel may pick it
+            bystander.start()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the handler between bytecodes: a KeyboardInterrupt here would skip the line below
+            reached_end = True
+    bystander.join()
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
