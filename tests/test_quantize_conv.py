@@ -151,13 +151,18 @@ def test_int8_blocked_conv() -> None:
     assert deploy_sqnr(model, data, reference) > 30.0
 
 
-def test_blocked_beats_per_channel_on_trained_cnn() -> None:
-    """digits_cnn's second conv (16 input channels x 3x3): blocks of 8 channels vs one scale per output channel."""
+def _digits_split() -> tuple[ir.Model, list[dict], list[dict], list[dict]]:
+    """digits_cnn, its first 100 test rows as calibration, the rest scored, and their float outputs."""
     model = ir.load(MODELS / "digits_cnn.onnx")
     samples, _ = load_npz(MODELS / "digits_cnn_test.npz", model)
     x = samples[0]["input"]
     calib, test = [{"input": x[:100]}], [{"input": x[100:]}]
-    reference = outputs(model, test)
+    return model, calib, test, outputs(model, test)
+
+
+def test_blocked_beats_per_channel_on_trained_cnn() -> None:
+    """digits_cnn's second conv (16 input channels x 3x3): blocks of 8 channels vs one scale per output channel."""
+    model, calib, test, reference = _digits_split()
     sqnr, size = {}, {}
     for block in (0, 8):
         m = model.clone()
@@ -237,11 +242,7 @@ def test_shared_or_computed_conv_weight_is_left_alone() -> None:
 def test_static_gptq_weights_beat_nearest_on_trained_cnn() -> None:
     from graphopt.passes.quantize_static import QuantizeStatic
 
-    model = ir.load(MODELS / "digits_cnn.onnx")
-    samples, _ = load_npz(MODELS / "digits_cnn_test.npz", model)
-    x = samples[0]["input"]
-    calib, test = [{"input": x[:100]}], [{"input": x[100:]}]
-    reference = outputs(model, test)
+    model, calib, test, reference = _digits_split()
     sqnr, weights = {}, {}
     for rounding in ("nearest", "gptq"):
         m = model.clone()
