@@ -39,12 +39,6 @@ MAX_ROWS = 4096
 """im2col rows (output positions) sampled per Conv for its Hessian."""
 CHUNK_ELEMENTS = 1 << 24
 """Bound on the float32 elements of one im2col slice held at a time (64 MB)."""
-MIN_ROWS_PER_COLUMN = 1
-"""Convs whose calibration gives fewer im2col rows than Hessian columns keep plain rounding: such a
-Hessian is singular (rank <= rows), GPTQ's updates then fit those few inputs, not the layer.
-Measured: PP-OCR det's 2 calibration images leave 300 rows for its deep 2304-column convs; with the
-rule its int8 GPTQ weights score 33.5 dB instead of 23.1 (nearest 29.8), EfficientNet-Lite0 is
-unchanged (29.1 dB); 2 rows per column gave 34.1 / 30.8 dB, no clear gain for the name."""
 MAX_COLUMNS = 4608
 """Convs with more columns per group (``(C/g)·prod(kernel)``; 512 x 3x3 is 4608) keep plain rounding."""
 MAX_HESSIAN_BYTES = 1 << 30
@@ -240,10 +234,6 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
         del captured
     out: dict[str, ConvInputs] = {}
     for layer in convs:
-        k = int(np.prod(layer.shape[1:]))
-        if sums[id(layer.node)].rows < MIN_ROWS_PER_COLUMN * k:
-            logger.info("%s: %d im2col rows for %d columns: plain rounding", layer.name, sums[id(layer.node)].rows, k)
-            continue
         out.setdefault(layer.node.inputs[0].name, ConvInputs())[layer.node.outputs[0].name] = ConvCalibration(sums[id(layer.node)].hessians())
     return out
 

@@ -176,7 +176,7 @@ def test_blocked_beats_per_channel_on_trained_cnn() -> None:
 
 def test_gptq_through_the_pass_and_search_reuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _conv_model(64, 32, (3, 3), hw=(8, 8), pads=[1, 1, 1, 1])
-    calib = _data(model, n=5)  # 640 im2col rows for 576 Hessian columns
+    calib = _data(model, n=4)
     reference = outputs(model, calib)
     sqnr = {}
     for rounding in ("nearest", "gptq"):
@@ -279,13 +279,5 @@ def test_search_reuses_matmul_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_conv_too_wide_for_a_hessian_keeps_plain_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_qconv, "MAX_COLUMNS", 64 * 9 - 1)  # the 64 x 3x3 conv below has 576 columns
     model = _conv_model(64, 32, (3, 3), hw=(6, 6), pads=[1, 1, 1, 1])
-    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", search=False), model, _data(model, n=16))  # 1152 rows: enough
+    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", search=False), model, _data(model, n=2))
     assert result.modified and result.layers[0]["rounding"] == "mse"  # gptq's range search, without the Hessian
-
-
-@pytest.mark.parametrize("samples, rounding", [(15, "mse"), (16, "gptq")])
-def test_conv_with_fewer_calibration_rows_than_hessian_columns_keeps_plain_rounding(samples: int, rounding: str) -> None:
-    """64 x 3x3 = 576 columns; each 1x64x6x6 sample gives 36 output positions: 15 samples leave the Hessian singular."""
-    model = _conv_model(64, 32, (3, 3), hw=(6, 6), batch=1, pads=[1, 1, 1, 1])
-    result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", search=False), model, _data(model, n=samples))
-    assert result.modified and result.layers[0]["rounding"] == rounding
