@@ -44,6 +44,7 @@ import onnx_ir as ir
 from graphopt.data import Sample
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.layers import LinearLayer
+from graphopt.passes._util import conv_geometry, conv_out_size
 from graphopt.verify import OrtFailure, run
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def input_means(model: ir.Model, layers: Sequence[LinearLayer], samples: Sequenc
         if (name, how, k) not in reduced:
             continue
         parts = [(rows, r[reduced[(name, how, k)]].astype(np.float64)) for r, (_, rows) in zip(results, chunks)]
-        out[key] = _mean_patch(parts, spec) if how == "conv" else _weighted(parts)
+        out[key] = _mean_patch(parts, layer) if how == "conv" else _weighted(parts)
     return out
 
 
@@ -179,35 +180,16 @@ def _weighted(parts: list[tuple[int, np.ndarray]]) -> np.ndarray:
     return sum(n * a for n, a in parts) / total
 
 
-def conv_pads(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int], auto_pad: str) -> tuple[list[int], list[int], list[int]]:
-    """(begin pads, end pads, output sizes) per spatial axis, as ONNX Conv defines them."""
-    n = len(size)
-    begin, end, out = [0] * n, [0] * n, [0] * n
-    for i in range(n):
-        extent = dilations[i] * (kernel[i] - 1) + 1
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            out[i] = -(-size[i] // strides[i])
-            total = max(0, (out[i] - 1) * strides[i] + extent - size[i])
-            small, big = total // 2, total - total // 2
-            begin[i], end[i] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-        elif auto_pad == "VALID":
-            out[i] = (size[i] - extent) // strides[i] + 1
-        else:
-            begin[i], end[i] = int(pads[i]), int(pads[i + n])
-            out[i] = (size[i] + begin[i] + end[i] - extent) // strides[i] + 1
-    return begin, end, out
-
-
-def _mean_patch(parts: list[tuple[int, np.ndarray]], spec: tuple) -> np.ndarray:
+def _mean_patch(parts: list[tuple[int, np.ndarray]], layer: LinearLayer) -> np.ndarray:
     """``M[C, *kernel]``: the mean (over rows and output positions) of the padded input each kernel tap reads."""
-    _, kernel, strides, dilations, pads, auto_pad = spec
     total, acc = 0.0, None
     for rows, xbar in parts:  # xbar: [C, *spatial], the mean over this chunk's rows
-        begin, end, out = conv_pads(xbar.shape[1:], kernel, strides, dilations, pads, auto_pad)
-        xp = np.pad(xbar, [(0, 0)] + list(zip(begin, end)))
-        m = np.empty((xbar.shape[0], *kernel))
-        for tap in itertools.product(*(range(k) for k in kernel)):
-            window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dilations, out, strides))
+        geo = conv_geometry(layer.node, (1, *xbar.shape), layer.shape)
+        nd, out = len(geo.kernel), conv_out_size(geo, xbar.shape[1:])
+        xp = np.pad(xbar, [(0, 0)] + list(zip(geo.pads[:nd], geo.pads[nd:])))
+        m = np.empty((xbar.shape[0], *geo.kernel))
+        for tap in itertools.product(*(range(k) for k in geo.kernel)):
+            window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, geo.dilations, out, geo.strides))
             m[(slice(None), *tap)] = xp[(slice(None), *window)].reshape(xbar.shape[0], -1).mean(axis=1)
         weight = rows * float(np.prod(out))
         acc = m * weight if acc is None else acc + m * weight

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture, rows
+from graphopt.passes._util import ConvGeometry, conv_geometry, conv_out_size
 from graphopt.passes._gptq import gptq, gptq_h
 from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight
 
@@ -45,51 +46,12 @@ MAX_HESSIAN_BYTES = 1 << 30
 """Bound on the float32 Hessians held for one pass run; the Convs past it keep plain rounding."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads: tuple[int, ...]  # begins then ends, as the ONNX attribute
-    group: int
-
-
-def geometry(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int]) -> ConvGeometry:
-    """The Conv's attributes resolved for an input of ``x_shape`` (``auto_pad`` turned into pads)."""
-    kernel = tuple(int(d) for d in w_shape[2:])
-    nd = len(kernel)
-    a = node.attributes
-    strides = tuple(a.get_ints("strides", None) or [1] * nd)
-    dilations = tuple(a.get_ints("dilations", None) or [1] * nd)
-    auto = a.get_string("auto_pad", "NOTSET")
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations):
-            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        pads = tuple(begins + ends)
-    elif auto == "VALID":
-        pads = (0,) * (2 * nd)
-    else:
-        pads = tuple(a.get_ints("pads", None) or [0] * (2 * nd))
-    return ConvGeometry(kernel, strides, dilations, pads, a.get_int("group", 1))
-
-
-def out_size(geo: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
-    nd = len(geo.kernel)
-    return tuple(
-        (spatial[i] + geo.pads[i] + geo.pads[nd + i] - geo.dilations[i] * (geo.kernel[i] - 1) - 1) // geo.strides[i] + 1 for i in range(nd)
-    )
-
-
 def im2col(x: np.ndarray, geo: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
     """Patches ``[rows, C, prod(kernel)]`` (float32) of ``x[N, C, *spatial]``: every output position
     (``positions`` None, in (n, *out) order) or the given flat indices into ``[N, *out]``."""
     x = np.asarray(x, dtype=np.float32)
     nd = len(geo.kernel)
-    outs = out_size(geo, x.shape[2:])
+    outs = conv_out_size(geo, x.shape[2:])
     if positions is None:
         positions = np.arange(x.shape[0] * int(np.prod(outs)))
     idx = np.unravel_index(positions, (x.shape[0], *outs))
@@ -118,10 +80,10 @@ class HessianSum:
     def add(self, x: np.ndarray, node: ir.Node, w_shape: Sequence[int], limit: int, seed: int) -> None:
         """``x[N, C, *spatial]``: one input batch of the Conv; at most ``limit`` of its output positions are used."""
         x = np.asarray(x, dtype=np.float32)
-        geo = geometry(node, x.shape, w_shape)
+        geo = conv_geometry(node, x.shape, w_shape)
         c, p = x.shape[1], int(np.prod(geo.kernel))
         k = c // geo.group * p
-        pos = sample_positions(x.shape[0] * int(np.prod(out_size(geo, x.shape[2:]))), limit, seed)
+        pos = sample_positions(x.shape[0] * int(np.prod(conv_out_size(geo, x.shape[2:]))), limit, seed)
         if self.h is None:
             self.h = np.zeros((geo.group, k, k), np.float32)
         per_chunk = max(1, CHUNK_ELEMENTS // max(1, c * p))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -197,3 +199,44 @@ def rewrite_each(model: ir.Model, ops: dict[str, Callable[[ir.Node], str]], *, d
             stats[rewrite(node)] += 1
     logger.debug("%s", dict(stats))
     return PassResult(model, modified=any(stats[d] for d in done), stats={k: v for k, v in stats.items() if v and k not in quiet})
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv's kernel, strides, dilations, explicit pads and groups for one input size."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as the ONNX attribute
+    group: int
+
+
+def conv_geometry(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int]) -> ConvGeometry:
+    """The Conv's attributes resolved for an input of ``x_shape`` (``auto_pad`` turned into pads)."""
+    kernel = tuple(int(d) for d in w_shape[2:])
+    nd = len(kernel)
+    a = node.attributes
+    strides = tuple(a.get_ints("strides", None) or [1] * nd)
+    dilations = tuple(a.get_ints("dilations", None) or [1] * nd)
+    auto = a.get_string("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        pads = tuple(begins + ends)
+    elif auto == "VALID":
+        pads = (0,) * (2 * nd)
+    else:
+        pads = tuple(a.get_ints("pads", None) or [0] * (2 * nd))
+    return ConvGeometry(kernel, strides, dilations, pads, a.get_int("group", 1))
+
+
+def conv_out_size(geo: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
+    nd = len(geo.kernel)
+    return tuple(
+        (spatial[i] + geo.pads[i] + geo.pads[nd + i] - geo.dilations[i] * (geo.kernel[i] - 1) - 1) // geo.strides[i] + 1 for i in range(nd)
+    )

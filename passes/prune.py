@@ -31,6 +31,7 @@ from graphopt.layers import FLOAT_TYPES, LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import Calibration, GraphPass, PassResult, option
 from graphopt.registry import register
+from graphopt.passes._util import conv_geometry, conv_out_size
 
 logger = logging.getLogger(__name__)
 
@@ -163,38 +164,18 @@ def _conv_patch_sq_sums(layer: LinearLayer, arrays: Sequence[np.ndarray]) -> np.
     """Σx² over every patch position for each (input channel, kernel offset), per output group."""
     w_shape = layer.shape
     cout, cpg, kernel = w_shape[0], w_shape[1], w_shape[2:]
-    attrs = layer.node.attributes
-    strides = list(attrs.get_ints("strides", [1] * len(kernel)))
-    dilations = list(attrs.get_ints("dilations", [1] * len(kernel)))
     total = np.zeros((cpg * layer.group, *kernel))
     for x in arrays:
         x2 = np.square(np.asarray(x, dtype=np.float64))
-        spatial = x2.shape[2:]
-        pads = _conv_pads(layer.node, spatial, kernel, strides, dilations)
-        xp = np.pad(x2, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(kernel)]) for i in range(len(kernel))])
-        outs = [(spatial[i] + pads[i] + pads[i + len(kernel)] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(len(kernel))]
+        geo = conv_geometry(layer.node, x2.shape, w_shape)
+        nd, outs = len(kernel), conv_out_size(geo, x2.shape[2:])
+        xp = np.pad(x2, [(0, 0), (0, 0)] + [(geo.pads[i], geo.pads[i + nd]) for i in range(nd)])
         for offset in np.ndindex(*kernel):
-            index = tuple(slice(offset[i] * dilations[i], offset[i] * dilations[i] + (outs[i] - 1) * strides[i] + 1, strides[i]) for i in range(len(kernel)))
-            total[(slice(None), *offset)] += xp[(slice(None), slice(None), *index)].sum(axis=tuple([0] + list(range(2, 2 + len(kernel)))))
+            index = tuple(slice(offset[i] * geo.dilations[i], offset[i] * geo.dilations[i] + (outs[i] - 1) * geo.strides[i] + 1, geo.strides[i]) for i in range(nd))
+            total[(slice(None), *offset)] += xp[(slice(None), slice(None), *index)].sum(axis=tuple([0] + list(range(2, 2 + nd))))
     per_group = cout // layer.group
     groups = np.repeat(np.arange(layer.group), per_group)  # output channel -> its group
     return np.stack([total[g * cpg : (g + 1) * cpg] for g in groups])
-
-
-def _conv_pads(node: ir.Node, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
-    auto = node.attributes.get_string("auto_pad", "NOTSET")
-    n = len(kernel)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * n)
-        for i in range(n):
-            out = -(-spatial[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - spatial[i])
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + n] = (small, big) if auto == "SAME_UPPER" else (big, small)
-        return pads
-    if auto == "VALID":
-        return [0] * (2 * n)
-    return list(node.attributes.get_ints("pads", [0] * (2 * n)))
 
 
 # --- the passes ----------------------------------------------------------------------------------

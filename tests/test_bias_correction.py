@@ -19,7 +19,8 @@ from test_quantize_static_search import _mlp
 from test_quantize_weights import _optimized_ops
 
 from graphopt.edit import constant_array
-from graphopt.passes._biascorr import _chunks, conv_pads
+from graphopt.passes._biascorr import _chunks
+from graphopt.passes._util import conv_geometry, conv_out_size
 from graphopt.passes.quantize_static import QuantizeStatic
 from graphopt.passes.quantize_weights import QuantizeWeights
 
@@ -246,6 +247,14 @@ def test_weights_layer_kept_float_by_search_gets_no_correction() -> None:
             assert gemm.inputs[2].name == name and np.array_equal(constant_array(gemm.inputs[2]), b[name])
         else:
             assert r["bias_correction"] == "applied" and gemm.inputs[2].name != name
+
+
+def conv_pads(size: list[int], kernel: list[int], strides: list[int], dilations: list[int], pads: list[int], auto_pad: str) -> tuple[list[int], list[int], list[int]]:
+    """(begin pads, end pads, output sizes) from the shared Conv geometry, for a 1-d Conv with these attributes."""
+    node = ir.Node("", "Conv", [], attributes=[ir.AttrInt64s("strides", strides), ir.AttrInt64s("dilations", dilations),
+                                                 ir.AttrInt64s("pads", pads), ir.AttrString("auto_pad", auto_pad)])  # fmt: skip
+    geo = conv_geometry(node, [1, 1, *size], [1, 1, *kernel])
+    return list(geo.pads[:1]), list(geo.pads[1:]), list(conv_out_size(geo, size))
 
 
 def test_conv_pads_match_onnx_auto_pad() -> None:

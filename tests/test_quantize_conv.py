@@ -12,6 +12,7 @@ from graphopt.data import load_npz
 from graphopt.edit import constant_array
 from graphopt.metrics import compare_outputs
 from graphopt.passes import _qconv
+from graphopt.passes._util import conv_geometry
 from graphopt.passes._qmath import expand, qtype, quantize_weight
 from graphopt.passes.quantize_weights import QuantizeWeights
 
@@ -69,7 +70,7 @@ def test_im2col_rows_times_weight_is_the_conv(dims: tuple, attrs: dict) -> None:
     data = _data(model, n=1)
     y = outputs(model, data)[0]["y"]
     w = constant_array(model.graph.node(0).inputs[1])
-    geo = _qconv.geometry(model.graph.node(0), data[0]["x"].shape, w.shape)
+    geo = conv_geometry(model.graph.node(0), data[0]["x"].shape, w.shape)
     cols = _qconv.im2col(data[0]["x"], geo)  # [rows, C, P]
     cg, og = c // group, o // group
     got = np.concatenate([cols[:, g * cg : (g + 1) * cg].reshape(len(cols), -1) @ w[g * og : (g + 1) * og].reshape(og, -1).T for g in range(group)], axis=1)
@@ -103,7 +104,7 @@ def test_conv_gptq_beats_nearest_same_layout(bits: int, c: int, group: int, bloc
     n = quantize_weight(w, qt, axis=1 if block else 0, block_size=block, symmetric=True, search=True)
     assert (g.axis, g.block_size, g.scale.shape, g.q.dtype) == (n.axis, n.block_size, n.scale.shape, n.q.dtype)
     assert g.q.min() >= qt.qmin and g.q.max() <= qt.qmax
-    geo = _qconv.geometry(node, calib[0]["x"].shape, w.shape)
+    geo = conv_geometry(node, calib[0]["x"].shape, w.shape)
     cg, og = w.shape[1], w.shape[0] // group
     rows = np.concatenate([_qconv.im2col(s["x"], geo) for s in calib])
 
