@@ -172,6 +172,7 @@ def upgrade_opset(model: ir.Model, target: int, samples: Sequence[Sample] | None
     except Exception as e:
         return f"onnx version converter {current}->{target} failed: {' '.join(str(e).split())[:200]}"
     new = ir.from_proto(converted)
+    _keep_own_value_info(model, new)
     try:
         before, after = run(model, data, "exact"), run(new, data, "exact")
     except OrtFailure as e:
@@ -183,6 +184,19 @@ def upgrade_opset(model: ir.Model, target: int, samples: Sequence[Sample] | None
     model.ir_version = new.ir_version
     logger.info("upgraded opset %d -> %d", current, target)
     return ""
+
+
+def _keep_own_value_info(old: ir.Model, new: ir.Model) -> None:
+    """Give ``new``'s intermediate values the shapes and types ``old`` had under the same name, none
+    for the rest: the version converter writes inferred ``value_info`` for every value, which made
+    PP-OCR cls's int8 file 5% bigger and can sway onnxruntime's fusions (see ``_util.inferred_shapes``)."""
+    own = {v.name: (v.shape, v.type) for graph in old.graphs() for node in graph for v in node.outputs}
+    for graph in new.graphs():
+        outputs = set(graph.outputs)
+        for node in graph:
+            for v in node.outputs:
+                if v not in outputs:
+                    v.shape, v.type = own.get(v.name, (None, None))
 
 
 @functools.lru_cache(maxsize=None)
