@@ -98,6 +98,7 @@ class Search:
     unranked: int = 0  # nodes the ranking did not reach in time
     order: str = ""  # which ranking won: "harm", or "weightless first" when that keeps fewer weights float
     accuracy_drop: float | None = None  # task accuracy points the chosen model loses on the labelled calibration data
+    met: bool = True  # False: even with every node kept the target was missed (only when kept nodes are not exact)
 
 
 def note_search(found: Search, stats: Counter[str], full: str = "all_int8") -> None:
@@ -144,6 +145,7 @@ class _Evaluator:
 def keep_float_search(
     build: Build, compute: list[int], rank_samples: Sequence[Sample], check_samples: Sequence[Sample], target: Tolerance,
     seconds: float = float("inf"), weights: dict[int, int] | None = None, label: str = "quantize-static", task: TaskCheck | None = None,
+    kept_exact: bool = True,
 ) -> Search:
     """The fewest compute nodes to keep in float for the model to meet ``target`` at ORT's deploy level.
 
@@ -159,7 +161,9 @@ def keep_float_search(
     any stable keys ``build`` understands (node indices for quantize-static, layer indices for
     quantize-weights); ``label`` names the pass in logs and on the progress bar. With ``task``, a
     candidate must also keep task accuracy on the labelled calibration data (``search_goal``); the
-    ranking stays by output SQNR, a finer signal than accuracy on a few samples.
+    ranking stays by output SQNR, a finer signal than accuracy on a few samples. ``kept_exact``
+    false: a kept node is not float but a finer quantization (quantize-weights' 4-bit search keeps
+    layers at 8 bits), so keeping every node may miss too; that case is checked (``Search.met``).
     """
     check = _Evaluator(build, check_samples, target, task)
     ok, full = check(set())
@@ -180,23 +184,31 @@ def keep_float_search(
     orders = {"harm": sorted(compute, key=harm)}
     if weights and any(weights.get(i, 0) == 0 for i in compute) and any(weights.get(i, 0) for i in compute):
         orders["weightless first"] = sorted(compute, key=lambda i: (weights.get(i, 0) > 0, harm(i)))
-    best: tuple[int, int, str, set[int], OutputError | None, float | None] | None = None
+    best: tuple[int, int, str, set[int], OutputError | None, float | None, bool] | None = None
     for how, order in orders.items():
-        keep, reached, drop = _bisect(check, order, alone, label)
+        keep, reached, drop, met = _bisect(check, order, alone, label, kept_exact)
         cost = (sum(weights.get(i, 0) for i in keep) if weights else 0, len(keep))
-        logger.info("%s: %s order keeps %d nodes (%d weight elements) in float", label, how, cost[1], cost[0])
+        logger.info("%s: %s order keeps back %d nodes (%d weight elements)", label, how, cost[1], cost[0])
         if best is None or cost < best[:2]:
-            best = (*cost, how, keep, reached, drop)
+            best = (*cost, how, keep, reached, drop, met)
+        if not met:  # every order ends with every node kept
+            break
     assert best is not None
-    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2], best[5])
+    return Search(best[3], alone, full, best[4], check.runs + (rank.runs if rank is not check else 0), len(compute) - len(alone), best[2], best[5], best[6])
 
 
-def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str) -> tuple[set[int], OutputError | None, float | None]:
+def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str, kept_exact: bool = True) -> tuple[set[int], OutputError | None, float | None, bool]:
     """The shortest prefix of ``order`` kept in float that meets the target, then refined; with the
-    chosen model's worst output and task accuracy drop (None: all float, not run, or no task)."""
+    chosen model's worst output and task accuracy drop (None: all float, not run, or no task), and
+    whether it meets (false only without ``kept_exact``, when keeping every node misses too)."""
     lo, hi = 0, len(order)  # prefix lo misses (k=0 is the all-int8 model), prefix hi meets (all float)
     reached: OutputError | None = None
     drop: float | None = None
+    if not kept_exact:  # prefix hi is not the float model: check it
+        ok, reached = check(set(order))
+        drop = check.drop
+        if not ok:
+            return set(order), reached, drop, False
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ok, w = check(set(order[:mid]))
@@ -212,7 +224,7 @@ def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label:
         if ok:
             keep.discard(i)
             reached, drop = w, check.drop
-    return keep, reached, drop
+    return keep, reached, drop, True
 
 
 REFINE_TRIES = 4

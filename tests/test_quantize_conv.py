@@ -11,7 +11,7 @@ from conftest import MODELS, assert_valid, calibrated_run, deploy_sqnr, outputs
 from graphopt.data import load_npz
 from graphopt.edit import constant_array
 from graphopt.metrics import compare_outputs
-from graphopt.passes import _qconv
+from graphopt.passes import _gptq, _qconv
 from graphopt.passes._util import conv_geometry
 from graphopt.passes._qmath import expand, qtype, quantize_weight
 from graphopt.passes.quantize_weights import QuantizeWeights
@@ -77,7 +77,7 @@ def test_im2col_rows_times_weight_is_the_conv(dims: tuple, attrs: dict) -> None:
     assert got.shape == (y.shape[0] * y.shape[2] * y.shape[3], o)
     np.testing.assert_allclose(got, y.transpose(0, 2, 3, 1).reshape(-1, o), rtol=1e-4, atol=1e-4)
     # the Hessian over every row (fewer than the limit) is 2 X_g^T X_g / rows, per group
-    h = _qconv.conv_hessians([data[0]["x"]], model.graph.node(0), w.shape)
+    h = _qconv.conv_hessians([data[0]["x"]], model.graph.node(0), w.shape).full()
     x0 = cols[:, :cg].reshape(len(cols), -1).astype(np.float64)
     assert h.shape == (group, cg * int(np.prod(kernel)), cg * int(np.prod(kernel)))
     np.testing.assert_allclose(h[0], 2 * x0.T @ x0 / len(cols), rtol=1e-4, atol=1e-5)
@@ -98,7 +98,7 @@ def test_conv_gptq_beats_nearest_same_layout(bits: int, c: int, group: int, bloc
     node = model.graph.node(0)
     w = constant_array(node.inputs[1])
     calib = _data(model, n=4)
-    h = _qconv.conv_hessians([s["x"] for s in calib], node, w.shape)
+    h = _qconv.conv_hessians([s["x"] for s in calib], node, w.shape).full()
     qt = qtype(bits, True)
     g = _qconv.conv_gptq(w, h, qt, block_size=block, symmetric=True, search=True)
     n = quantize_weight(w, qt, axis=1 if block else 0, block_size=block, symmetric=True, search=True)
@@ -114,6 +114,41 @@ def test_conv_gptq_beats_nearest_same_layout(bits: int, c: int, group: int, bloc
 
     # 9 columns per depthwise channel leave GPTQ less room than 576 of a full conv
     assert err(g.dequantized()) < (0.95 if group == c else 0.8) * err(n.dequantized())
+
+
+@pytest.mark.parametrize("starts", [None, [0, 8]], ids=["per-row", "blocked"])
+def test_stacked_gptq_is_each_problem_alone(starts: list[int] | None) -> None:
+    """A grouped Conv's groups go through one stacked column loop: the same integers as one GPTQ
+    per group; a group whose Hessian is not positive definite gets plain rounding."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3, 5, 16))
+    x = rng.standard_normal((3, 40, 16)) @ rng.standard_normal((16, 16))
+    h = np.einsum("brk,brl->bkl", x, x) / 20
+    h[2] = -np.eye(16)  # not positive definite
+    qt = qtype(4, True)
+    stacked = _gptq.gptq_h(w, h, qt, starts=starts, symmetric=True, search=True)
+    for b in range(3):
+        alone = _gptq.gptq_h(w[b], h[b], qt, starts=starts, symmetric=True, search=True)
+        for got, want in zip(stacked, alone):
+            np.testing.assert_array_equal(got[b], want)
+    plain = quantize_weight(w[2].astype(np.float32), qt, axis=1 if starts else 0, block_size=8 if starts else 0, symmetric=True, search=True)
+    np.testing.assert_array_equal(stacked[0][2], plain.q)
+
+
+def test_cross_validation_folds() -> None:
+    """Samples alternate between the two folds; a lone sample's rows are halved; the full Hessian is their row-weighted mean."""
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal((2, 3, 6)) for _ in range(3)]
+    folds = _gptq.FoldedHessian.of_rows(arrays, 6)
+    assert folds.rows.tolist() == [12, 6]
+    x = np.concatenate([a.reshape(-1, 6) for a in arrays])
+    np.testing.assert_allclose(folds.full()[0], 2 * x.T @ x / 18)
+    lone = _gptq.FoldedHessian.of_rows([arrays[0]], 6)
+    assert lone.rows.tolist() == [3, 3]
+    model = _conv_model(4, 4, (3, 3), hw=(6, 6), pads=[1, 1, 1, 1])
+    node = model.graph.node(0)
+    one = _qconv.conv_hessians([_data(model, n=1)[0]["x"]], node, (4, 4, 3, 3))
+    assert one.rows.tolist() == [36, 36]  # 2 x 6 x 6 positions, halved
 
 
 def test_blocked_conv_dq_layout_and_reference() -> None:
@@ -191,7 +226,10 @@ def test_gptq_through_the_pass_and_search_reuses_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("graphopt.passes._qconv.conv_gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = model.clone()
     result = calibrated_run(QuantizeWeights(bits=4, rounding="gptq", target_sqnr=90.0, conv_block_min_gain=0), m, calib)  # unreachable: the search runs
-    assert result.stats["search_runs"] >= 2 and len(calls) == 1  # one GPTQ, reused by every candidate the search built
+    # one selection per bit width (GPTQ from each half at each dampening, then from all rows), reused
+    # by every candidate: the 4-bit one, and the 8-bit one the search tried before float
+    assert result.stats["search_runs"] >= 2 and result.stats["fallback_float"] == 1
+    assert len(calls) == 2 * (2 * len(_gptq.DAMPS) + 1)
 
 
 def test_blocks_only_where_they_pay() -> None:
@@ -274,7 +312,7 @@ def test_search_reuses_matmul_gptq(monkeypatch: pytest.MonkeyPatch) -> None:
     real = qw_module.gptq
     monkeypatch.setattr(qw_module, "gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = calibrated_run(QuantizeWeights(bits=4, block_size=16, rounding="gptq", target_sqnr=90.0), model, calib)
-    assert result.stats["search_runs"] >= 2 and len(calls) == 2  # one per weight, whatever the search built
+    assert result.stats["search_runs"] >= 2 and len(calls) == 4  # one per weight and bit width (4, and 8 tried before float), whatever the search built
 
 
 def test_conv_too_wide_for_a_hessian_keeps_plain_rounding(monkeypatch: pytest.MonkeyPatch) -> None:

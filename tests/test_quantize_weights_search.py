@@ -77,3 +77,33 @@ def test_budget_option_is_the_search_target() -> None:
     model, data = _mlp(1000.0), _data()
     result = _quantize(model, data, budget_min_sqnr=-50.0, budget_min_cosine=0.0)
     assert result.stats["quantized"] == 3 and result.stats["search_runs"] == 1
+
+
+def _int4(outlier: float, **options: object) -> tuple[ir.Model, object, float]:
+    model, data = _mlp(outlier), _data()
+    reference = outputs(model, data)
+    result = _quantize(model, data, bits=4, block_size=16, **options)
+    assert_valid(model)
+    return model, result, deploy_sqnr(model, data, reference)
+
+
+def test_int4_search_keeps_the_sensitive_layer_at_8_bits() -> None:
+    """At 4 bits the layer the search keeps gets 8-bit per-channel weights (fallback-bits=8), not float."""
+    model, result, sqnr = _int4(30.0)
+    by_name = {r["name"]: r for r in result.layers}
+    assert (by_name["mm2"]["bits"], by_name["mm2"]["scales"]) == (8, "per-channel") and by_name["mm2"]["reason"].startswith("sensitivity")
+    assert by_name["mm1"]["bits"] == by_name["mm3"]["bits"] == 4
+    assert result.stats["kept_8bit_sensitivity"] == 1 and "kept_float_sensitivity" not in result.stats
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.outputs[0].uses()[0][0].name == "mm2")
+    assert dq.inputs[0].dtype == ir.DataType.INT8 and dq.attributes.get_int("axis") == 1
+    assert sqnr >= 16.0  # the 4-bit budget (15 dB) plus the margin
+    _, floated, _ = _int4(30.0, fallback_bits=0)
+    assert next(r for r in floated.layers if r["name"] == "mm2")["choice"] == "float"
+
+
+def test_int4_search_falls_back_to_float_where_8_bits_miss() -> None:
+    """An outlier int8 ruins too: with every layer at 8 bits the budget is missed, so the search runs again with float."""
+    model, result, sqnr = _int4(100.0)
+    assert result.stats["fallback_float"] == 1 and result.stats["kept_float_sensitivity"] == 1
+    assert [r["name"] for r in result.layers if r["choice"] == "float"] == ["mm2"]
+    assert sqnr >= 16.0
