@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture
-from graphopt.edit import NameSet, onnx_opset
+from graphopt.edit import NameSet, is_onnx_op, onnx_opset
 from graphopt.layers import as_linear_layer
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
@@ -45,7 +45,7 @@ from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
-from graphopt.passes._qstatic import COMPUTE, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
+from graphopt.passes._qstatic import COMPUTE, TRANSPARENT, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.passes._qconv import static_gptq_weights
 from graphopt.verify import OrtFailure
@@ -78,6 +78,7 @@ class QuantizeStatic(GraphPass):
     target_sqnr: float | None = option(None, "SQNR (dB, calibration data, deploy level) the search aims at instead of the budget's plus margin")
     search_seconds: float = option(300.0, "time limit of the search's per-node ranking; nodes it has not reached rank as harmless")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
+    cheap_float_share: float = option(0.001, "within budget too, keep in float the layers whose weights are at most this share of all and that alone gain >= 1 dB output SQNR (0: off)")
     rounding: Literal["nearest", "gptq"] = option("nearest", "int8 weights: round to nearest, or GPTQ (error feedback on the calibration data; Conv per group on im2col rows, MatMul, Gemm)")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
     bias_correction: bool = option(True, "subtract each int8 Conv/Gemm/MatMul's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
@@ -212,7 +213,8 @@ class QuantizeStatic(GraphPass):
         nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
         try:
-            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights, self.name, task)
+            found = keep_float_search(build, compute, rank, check, target, self.search_seconds, weights, self.name, task,
+                                      cheap_share=self.cheap_float_share, pairs=_adjacent(nodes, compute))  # fmt: skip
         except OrtFailure as e:  # e.g. no QuantizeLinear kernel at this opset: nothing to measure with here
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1
@@ -221,10 +223,13 @@ class QuantizeStatic(GraphPass):
             layers[i]["alone_sqnr_db"] = round(sqnr, 2)
         for i in found.keep:
             why = f"alone the output's SQNR is {found.alone[i]:.1f} dB" if i in found.alone else "not ranked in time"
+            if i in found.cheap:
+                why = f"cheap: float gains {found.cheap[i]:.1f} dB"
             layers[i].update(choice="float", reason=f"sensitivity: {why}")
         if found.order == "weightless first":
             stats["search_weightless_first"] = 1
-        stats["kept_float_sensitivity"] = len(found.keep)
+        stats["kept_float_sensitivity"] = len(found.keep) - len(found.cheap)
+        stats["kept_float_cheap"] = len(found.cheap)
         note_search(found, stats)
         if found.keep:
             logger.info("%s: kept %d of %d nodes in float to meet %s%s", self.name, len(found.keep), len(compute), target, "" if task is None else f" and an accuracy drop <= {task.max_drop:g} points")
@@ -235,6 +240,22 @@ class QuantizeStatic(GraphPass):
         modified = any(clean.get(k) for k in ("quantized_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
+
+
+def _adjacent(nodes: list[ir.Node], compute: list[int]) -> list[tuple[int, int]]:
+    """(producer, consumer) pairs of compute nodes joined by one activation tensor, through
+    Relu/Clip and data-movement nodes: keeping both in float is what leaves that tensor unquantized."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    computed = set(compute)
+    pairs = []
+    for j in compute:
+        for v in nodes[j].inputs[:2]:
+            p = v.producer() if v is not None else None
+            while p is not None and is_onnx_op(p, ("Relu", "Clip", *TRANSPARENT)) and p.inputs and p.inputs[0] is not None:
+                p = p.inputs[0].producer()
+            if p is not None and index.get(id(p)) in computed:
+                pairs.append((index[id(p)], j))
+    return list(dict.fromkeys(pairs))
 
 
 def _mask_nodes(model: ir.Model, plan: Plan, masks: set[str], replan) -> set[int]:  # noqa: ANN001

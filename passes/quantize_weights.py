@@ -89,6 +89,7 @@ class QuantizeWeights(GraphPass):
     min_fan_in: int = option(32, "4 bits: leave convs whose output channels each sum fewer weights than this in float (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
     per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
     search: bool = option(True, "when the all-quantized model misses the budget, keep the most harmful layers in float until it meets it (with margin)")
+    cheap_float_share: float = option(0.001, "within budget too, keep back (float; 8 bits at 4) the layers whose weights are at most this share of all and that alone gain >= 1 dB output SQNR (0: off)")
     fallback_bits: int = option(8, "4 bits: the layers the search keeps from 4 bits get 8-bit per-channel weights (float where the budget needs more; 0: always float)")
     target_sqnr: float | None = option(None, "SQNR (dB, calibration rows, deploy level) the search aims at instead of the budget's plus margin")
     margin: float = option(1.0, "head room (dB) over the budget the search keeps, for samples other than the calibration ones")
@@ -153,7 +154,10 @@ class QuantizeWeights(GraphPass):
                     record["alone_sqnr_db"] = round(found.alone[groups[k]], 2)
                 if k in keep:
                     why = f"alone the output's SQNR is {found.alone[groups[k]]:.1f} dB" if groups[k] in found.alone else "not ranked in time"
-                    record.update(reason=f"sensitivity: {why} at {self.bits} bits")
+                    if groups[k] in found.cheap:
+                        why = f"cheap: kept back it gains {found.cheap[groups[k]]:.1f} dB"
+                    record.update(reason=f"sensitivity at {self.bits} bits: {why}")
+            stats["kept_cheap"] = len(found.cheap)
         return self._result(model, stats, layers)
 
     def _quantize_all(self, model: ir.Model, candidates: list[LinearLayer], keep: set[int], per_tensor: bool,
@@ -218,7 +222,7 @@ class QuantizeWeights(GraphPass):
         rank = search_rows(samples, 1, RANK_ROWS, model)
         target, task = search_goal(budget, self.calibration, self.margin, self.target_sqnr, self.default_tolerance(), stats)
         try:
-            found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name, task, kept_exact=self._fallback() is None)
+            found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name, task, kept_exact=self._fallback() is None, cheap_share=self.cheap_float_share)
         except OrtFailure as e:
             logger.warning("%s: no search, onnxruntime cannot run the candidates: %s", self.name, e)
             stats["search_skipped_ort_failure"] = 1

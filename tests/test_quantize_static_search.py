@@ -7,12 +7,13 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from conftest import assert_valid, calibrated_run, deploy_sqnr, outputs
 from test_quantize_weights import _optimized_ops
 
-from graphopt.metrics import Tolerance
+from graphopt.metrics import Tolerance, compare_outputs
 from graphopt.passes._calibrate import mask_like
 from graphopt.passes._qsearch import tightened
 from graphopt.passes.quantize_static import QuantizeStatic
@@ -191,3 +192,68 @@ def test_search_rows_cut_only_along_a_dynamic_batch() -> None:
     fixed = _mlp(1.0)
     fixed.graph.inputs[0].shape = ir.Shape([40, 16])
     assert _rows(data, 1, 4, fixed)[0]["x"].shape == (40, 16)
+
+
+def _conv_chain() -> ir.Model:
+    """x[n,3,12,12] -> A (3x3, 8 ch) -> Relu -> B (depthwise 3x3) -> Relu -> C (1x1, 64) -> Relu -> D (1x1, 512).
+    A's odd output channels are scaled down 1000x and B's matching weights up: the same function,
+    but the tensor between A and B has channels 1000x apart, which one int8 scale cannot hold
+    (what folded BatchNorms leave in MobileNet/EfficientNet stems). A and B are 0.9% of the weights."""
+    rng = np.random.default_rng(2)
+    h, T = onnx.helper, onnx.TensorProto
+    wa = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 5
+    wb = rng.standard_normal((8, 1, 3, 3)).astype(np.float32) / 3
+    wa[1::2] /= 1000.0
+    wb[1::2] *= 1000.0
+    wc = rng.standard_normal((64, 8, 1, 1)).astype(np.float32) / 3
+    wd = rng.standard_normal((512, 64, 1, 1)).astype(np.float32) / 8
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in (("wa", wa), ("wb", wb), ("wc", wc), ("wd", wd))]
+    nodes = [
+        h.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]), h.make_node("Relu", ["a"], ["ra"], name="ReluA"),
+        h.make_node("Conv", ["ra", "wb"], ["b"], name="B", pads=[1, 1, 1, 1], group=8), h.make_node("Relu", ["b"], ["rb"], name="ReluB"),
+        h.make_node("Conv", ["rb", "wc"], ["c"], name="C"), h.make_node("Relu", ["c"], ["rc"], name="ReluC"),
+        h.make_node("Conv", ["rc", "wd"], ["y"], name="D"),
+    ]  # fmt: skip
+    graph = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["n", 3, 12, 12])], [h.make_tensor_value_info("y", T.FLOAT, ["n", 512, 12, 12])], inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return ir.from_proto(proto)
+
+
+def _images(seed: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": np.random.default_rng(seed).standard_normal((4, 3, 12, 12)).astype(np.float32)}]
+
+
+def test_a_conv_kept_float_runs_in_float_at_the_deploy_level() -> None:
+    """ORT's WeightBiasQuantization quantizes a float Conv's weight per tensor when its input comes
+    from a one-scale DequantizeLinear: the Conv kept in float reads a per-axis one instead."""
+    model, data = _conv_chain(), _images(1)
+    reference = outputs(model, data)
+    result = _quantize(model, data, exclude=["B"], search=False)
+    assert result.stats["quantized_nodes"] == 3
+    b = next(n for n in model.graph if n.name == "B")
+    dq = b.inputs[0].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("axis") == 1 and dq.inputs[1].const_value.shape == (8,)
+    assert b.inputs[1].const_value is not None and b.inputs[1].dtype == ir.DataType.FLOAT
+    assert_valid(model)
+    exact = min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, "exact")))
+    assert deploy_sqnr(model, data, reference) >= exact - 0.5  # per-tensor int8 weights in B (1000x apart) would lose tens of dB
+
+
+def test_cheap_layers_are_kept_float_within_budget() -> None:
+    """A and B hold 0.9% of the weights; the tensor between them is what int8 ruins, so only
+    keeping both in float helps: the pair is found within budget, and the SQNR is higher for it."""
+    data, other = _images(1), _images(5)
+    sqnr = {}
+    for share in (0.0, 0.01):
+        model = _conv_chain()
+        result = _quantize(model, data, cheap_float_share=share, budget_min_sqnr=0.0, budget_min_cosine=0.0)
+        kept = sorted(r["name"] for r in result.layers if r["choice"] == "float")
+        if share:
+            assert kept == ["A", "B"] and result.stats["kept_float_cheap"] == 2
+            assert all(r["reason"].startswith("sensitivity: cheap") for r in result.layers if r["choice"] == "float")
+        else:
+            assert kept == [] and "kept_float_cheap" not in result.stats
+        assert_valid(model)
+        sqnr[share] = deploy_sqnr(model, other, outputs(_conv_chain(), other))
+    assert sqnr[0.01] > sqnr[0.0] + 3.0, sqnr
