@@ -338,12 +338,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=None, help="write results/zoo.* (default: unless --quick)")
     parser.add_argument("--replot", action="store_true", help="redraw results/zoo.png and zoo.md from results/zoo.json and exit")
+    parser.add_argument("--merge", action="store_true", help="replace only these models' rows in results/zoo.* (the others keep their earlier run's)")
     args = parser.parse_args(argv)
     if args.replot:
         saved = json.loads((harness.RESULTS / "zoo.json").read_text())
         plot(saved["rows"], saved["models"], harness.RESULTS / "zoo.png")
         (harness.RESULTS / "zoo.md").write_text(report_md(saved) + "\n")
         return saved["rows"]
+    if args.merge and (args.tools or args.quick or not args.models):
+        parser.error("--merge reruns every tool on the given --models")
     models, tools = expand(args.models, args.quick), expand_tools(args.tools, args.quick)
     write = (not args.quick) if args.write is None else args.write
     start, load_before = time.time(), os.getloadavg()
@@ -365,6 +368,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             meta[name]["seconds"] = round(time.time() - t0, 1)
             for f in Path(tmp).glob(f"{name}__*"):
                 f.unlink()
+    if args.merge:  # a partial rerun: every tool of these models, the rest of the zoo from the saved run
+        saved = json.loads((harness.RESULTS / "zoo.json").read_text())
+        order = list(dict.fromkeys([*saved["models"], *meta]))
+        rows = sorted([r for r in saved["rows"] if r["model"] not in meta] + rows, key=lambda r: order.index(r["model"]))
+        meta = {name: meta.get(name, saved["models"].get(name)) for name in order}
     table = harness.markdown_table(rows, COLUMNS)
     summary = headlines(rows, meta)
     print(table)
@@ -374,6 +382,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if write:
         extra = {"load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds": round(time.time() - start, 1),
                  "tools": tool_versions(), "pipelines": {t: TOOLS[t].how for t in tools}, "models": meta, "skipped": skipped, "headlines": summary}  # fmt: skip
+        if args.merge:
+            extra["rerun_models"] = sorted(set(models))  # "seconds" and the load averages are this rerun's
         harness.write_results("zoo", rows, report_md({"machine": harness.machine(), **extra, "rows": rows}), extra)
         plot(rows, meta, harness.RESULTS / "zoo.png")
         print(f"wrote {harness.RESULTS / 'zoo.json'}, zoo.md, zoo.png in {time.time() - start:.0f} s")

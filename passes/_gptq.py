@@ -44,6 +44,9 @@ DAMP = 0.01
 """Dampening added to H's diagonal, as a fraction of its mean (the paper's default)."""
 DAMPS = (0.01, 0.1, 1.0)
 """Dampenings the cross-validation tries."""
+MAX_CV_COLUMNS = 2304
+"""Wider layers (resnet50's 512 x 3x3 convs: 4608) keep GPTQ at :data:`DAMP` unchecked: the check's
+six extra GPTQ runs cost O(columns^3) each, and took resnet50's int4 run from 110 s to over 600."""
 BATCH = 128
 """Columns per lazy-batch update."""
 
@@ -110,10 +113,12 @@ def select(
     ``w_gok``: the float weight as ``[group, outputs, K]`` (the Hessians' column order), which the
     dequantized candidates are reshaped to. Returns the weight and a layer record's fields:
     ``rounding`` (``gptq`` or the plain rounding's name), ``gptq_damp``, ``cross_validated``.
-    With at least as many rows as columns (or not two non-empty folds): GPTQ at :data:`DAMP`, unchecked.
+    With at least as many rows as columns, more than :data:`MAX_CV_COLUMNS` columns, or not two
+    non-empty folds: GPTQ at :data:`DAMP`, unchecked.
     """
     full = hessian.full()
-    if hessian.rows.sum() >= full.shape[-1] or not np.all(hessian.rows > 0):
+    k = full.shape[-1]
+    if hessian.rows.sum() >= k or k > MAX_CV_COLUMNS or not np.all(hessian.rows > 0):
         return fit(full, DAMP), {"rounding": "gptq", "gptq_damp": DAMP, "cross_validated": False}
     folds = [hessian.fold(0), hessian.fold(1)]
 
@@ -135,7 +140,7 @@ def gptq(w_nk: np.ndarray, arrays: Sequence[np.ndarray], qt: QType, *, block_siz
     Groups: per output row (``block_size == 0``) or blocks of ``block_size`` along K. Returns the
     weight in the ``[N, K]`` layout with ``axis=0`` (per-channel) or ``axis=1`` (blocked), and the choice (:func:`select`).
     """
-    n, k = w_nk.shape
+    k = w_nk.shape[1]
     starts = list(range(0, k, block_size)) if block_size else None
 
     def fit(h: np.ndarray, damp: float) -> QuantizedWeight:
