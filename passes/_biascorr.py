@@ -33,7 +33,6 @@ float (4 without). Where activation rounding dominates (ocr_det/ocr_rec static) 
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -44,7 +43,7 @@ import onnx_ir as ir
 from graphopt.data import Sample
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.layers import LinearLayer
-from graphopt.passes._util import conv_geometry, conv_out_size
+from graphopt.passes._util import conv_geometry, conv_out_size, tap_windows
 from graphopt.verify import OrtFailure, run
 
 logger = logging.getLogger(__name__)
@@ -188,8 +187,7 @@ def _mean_patch(parts: list[tuple[int, np.ndarray]], layer: LinearLayer) -> np.n
         nd, out = len(geo.kernel), conv_out_size(geo, xbar.shape[1:])
         xp = np.pad(xbar, [(0, 0)] + list(zip(geo.pads[:nd], geo.pads[nd:])))
         m = np.empty((xbar.shape[0], *geo.kernel))
-        for tap in itertools.product(*(range(k) for k in geo.kernel)):
-            window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, geo.dilations, out, geo.strides))
+        for tap, window in tap_windows(geo, out):
             m[(slice(None), *tap)] = xp[(slice(None), *window)].reshape(xbar.shape[0], -1).mean(axis=1)
         weight = rows * float(np.prod(out))
         acc = m * weight if acc is None else acc + m * weight

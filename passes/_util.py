@@ -240,3 +240,9 @@ def conv_out_size(geo: ConvGeometry, spatial: Sequence[int]) -> tuple[int, ...]:
     return tuple(
         (spatial[i] + geo.pads[i] + geo.pads[nd + i] - geo.dilations[i] * (geo.kernel[i] - 1) - 1) // geo.strides[i] + 1 for i in range(nd)
     )
+
+
+def tap_windows(geo: ConvGeometry, out: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """Each kernel tap and the spatial slices of the padded input it reads at the ``out`` output positions."""
+    for tap in np.ndindex(*geo.kernel):
+        yield tap, tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, geo.dilations, out, geo.strides))

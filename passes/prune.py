@@ -31,7 +31,7 @@ from graphopt.layers import FLOAT_TYPES, LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import Calibration, GraphPass, PassResult, option
 from graphopt.registry import register
-from graphopt.passes._util import conv_geometry, conv_out_size
+from graphopt.passes._util import conv_geometry, conv_out_size, tap_windows
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +170,8 @@ def _conv_patch_sq_sums(layer: LinearLayer, arrays: Sequence[np.ndarray]) -> np.
         geo = conv_geometry(layer.node, x2.shape, w_shape)
         nd, outs = len(kernel), conv_out_size(geo, x2.shape[2:])
         xp = np.pad(x2, [(0, 0), (0, 0)] + [(geo.pads[i], geo.pads[i + nd]) for i in range(nd)])
-        for offset in np.ndindex(*kernel):
-            index = tuple(slice(offset[i] * geo.dilations[i], offset[i] * geo.dilations[i] + (outs[i] - 1) * geo.strides[i] + 1, geo.strides[i]) for i in range(nd))
-            total[(slice(None), *offset)] += xp[(slice(None), slice(None), *index)].sum(axis=tuple([0] + list(range(2, 2 + nd))))
+        for offset, window in tap_windows(geo, outs):
+            total[(slice(None), *offset)] += xp[(slice(None), slice(None), *window)].sum(axis=tuple([0] + list(range(2, 2 + nd))))
     per_group = cout // layer.group
     groups = np.repeat(np.arange(layer.group), per_group)  # output channel -> its group
     return np.stack([total[g * cpg : (g + 1) * cpg] for g in groups])
