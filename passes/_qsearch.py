@@ -170,8 +170,8 @@ def keep_float_search(
     check = _Evaluator(build, check_samples, target, task)
     ok, full = check(set())
     if ok:
-        found = Search(set(), {}, full, full, accuracy_drop=check.drop)
-        return _keep_cheap(check, compute, found, weights, cheap_share, label, pairs)
+        found = _keep_cheap(check, compute, Search(set(), {}, full, full, accuracy_drop=check.drop), weights, cheap_share, label, pairs)
+        return dataclasses.replace(found, runs=check.runs)
     rank = _Evaluator(build, rank_samples, target) if rank_samples is not check_samples else check
     alone: dict[int, float] = {}
     t0 = time.perf_counter()
@@ -197,8 +197,10 @@ def keep_float_search(
         if not met:  # every order ends with every node kept
             break
     assert best is not None
-    found = Search(best[3], alone, full, best[4], rank.runs if rank is not check else 0, len(compute) - len(alone), best[2], best[5], best[6])
-    return _keep_cheap(check, compute, found, weights, cheap_share, label, pairs) if found.met else dataclasses.replace(found, runs=found.runs + check.runs)
+    found = Search(best[3], alone, full, best[4], 0, len(compute) - len(alone), best[2], best[5], best[6])
+    if found.met:
+        found = _keep_cheap(check, compute, found, weights, cheap_share, label, pairs)
+    return dataclasses.replace(found, runs=check.runs + (rank.runs if rank is not check else 0))
 
 
 CHEAP_GAIN_DB = 1.0
@@ -221,7 +223,7 @@ def _keep_cheap(
     total = sum(weights.values()) if weights else 0
     cheap = {i for i in compute if i not in found.keep and 0 < (weights or {}).get(i, 0) <= share * total}
     if not cheap or found.reached is None or not math.isfinite(found.reached.sqnr_db):
-        return dataclasses.replace(found, runs=found.runs + check.runs)
+        return found
     base = found.reached.sqnr_db
     units = [frozenset([i]) for i in sorted(cheap)] + [frozenset(p) for p in pairs if set(p) <= cheap]
     gains: dict[frozenset[int], tuple[float, OutputError, float | None]] = {}
@@ -230,7 +232,7 @@ def _keep_cheap(
         if ok and w is not None and w.sqnr_db - base >= CHEAP_GAIN_DB:
             gains[unit] = (w.sqnr_db - base, w, check.drop)
     if not gains:
-        return dataclasses.replace(found, runs=found.runs + check.runs)
+        return found
     best = max(gains, key=lambda u: gains[u][0])
     chosen, (gain, reached, drop) = set(best), gains[best]
     union = set().union(*gains)
@@ -239,7 +241,7 @@ def _keep_cheap(
         if ok and w is not None and w.sqnr_db > reached.sqnr_db:
             chosen, gain, reached, drop = union, w.sqnr_db - base, w, check.drop
     logger.info("%s: %d cheap nodes kept too (%.2f -> %.2f dB)", label, len(chosen), base, reached.sqnr_db)
-    return dataclasses.replace(found, keep=found.keep | chosen, reached=reached, accuracy_drop=drop, runs=found.runs + check.runs, cheap=dict.fromkeys(chosen, gain))
+    return dataclasses.replace(found, keep=found.keep | chosen, reached=reached, accuracy_drop=drop, cheap=dict.fromkeys(chosen, gain))
 
 
 def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label: str, kept_exact: bool = True) -> tuple[set[int], OutputError | None, float | None, bool]:

@@ -386,9 +386,9 @@ def apply_plan(
     return len(plan.tensors)
 
 
-def _shield_float_weights(graph: ir.Graph, computed: set[int], names: NameSet, tag: str) -> int:
+def _shield_float_weights(graph: ir.Graph, computed: set[int], names: NameSet, tag: str) -> None:
     """Give each Conv/ConvTranspose/Gemm left in float that reads a one-scale DequantizeLinear its
-    own DequantizeLinear with that scale repeated along the channel axis; returns how many.
+    own DequantizeLinear with that scale repeated along the channel axis.
 
     onnxruntime's ``WeightBiasQuantization`` (basic level and up, so what users run) quantizes the
     float weight of such a node to int8, per tensor, whenever its input comes from a per-tensor
@@ -397,7 +397,6 @@ def _shield_float_weights(graph: ir.Graph, computed: set[int], names: NameSet, t
     7.2 (its channels' ranges differ 1000-fold), so the sensitivity search saw keeping layers float
     hurt. A per-axis DequantizeLinear gives the same numbers and is not what the transformer takes.
     """
-    count = 0
     for node in list(graph):
         if id(node) in computed or not is_onnx_op(node, ("Conv", "ConvTranspose", "Gemm")) or len(node.inputs) < 2:
             continue
@@ -422,8 +421,6 @@ def _shield_float_weights(graph: ir.Graph, computed: set[int], names: NameSet, t
         twin.metadata_props["graphopt.made_by"] = tag
         graph.insert_after(dq, twin)
         node.replace_input_with(0, twin.outputs[0])
-        count += 1
-    return count
 
 
 def _input_scale(node: ir.Node) -> np.ndarray | None:
