@@ -33,6 +33,7 @@ check chose MSE rounding, with 3-6x the error, in four layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,11 +106,13 @@ def layer_error(w: np.ndarray, dq: np.ndarray, h: np.ndarray) -> float:
 
 
 def select(
-    w_gok: np.ndarray, hessian: FoldedHessian, fit: Callable[[np.ndarray, float], QuantizedWeight], plain: Sequence[tuple[str, QuantizedWeight]]
+    w_gok: np.ndarray, hessian: FoldedHessian, fit: Callable[[np.ndarray, float], QuantizedWeight],
+    plain: Callable[[], Sequence[tuple[str, QuantizedWeight]]],
 ) -> tuple[QuantizedWeight, dict[str, Any]]:
     """The rounding with the least cross-validated output error (module docstring), remade from all rows.
 
-    ``fit(H[group, K, K], damp)``: GPTQ from that Hessian; ``plain``: named data-free roundings.
+    ``fit(H[group, K, K], damp)``: GPTQ from that Hessian; ``plain()``: named data-free roundings
+    (made only when the check runs).
     ``w_gok``: the float weight as ``[group, outputs, K]`` (the Hessians' column order), which the
     dequantized candidates are reshaped to. Returns the weight and a layer record's fields:
     ``rounding`` (``gptq`` or the plain rounding's name), ``gptq_damp``, ``cross_validated``.
@@ -126,10 +129,11 @@ def select(
         return sum(layer_error(w_gok, make(1 - f).dequantized(), folds[f]) for f in (0, 1))
 
     scores: dict[float | str, float] = {d: cv(lambda i, d=d: fit(folds[i], d)) for d in DAMPS}
-    scores.update({name: cv(lambda i, q=q: q) for name, q in plain})
+    candidates = dict(plain())
+    scores.update({name: cv(lambda i, q=q: q) for name, q in candidates.items()})
     best = min(scores, key=scores.__getitem__)
     if isinstance(best, str):
-        return dict(plain)[best], {"rounding": best, "cross_validated": True}
+        return candidates[best], {"rounding": best, "cross_validated": True}
     return fit(full, best), {"rounding": "gptq", "gptq_damp": best, "cross_validated": True}
 
 
@@ -149,7 +153,7 @@ def gptq(w_nk: np.ndarray, arrays: Sequence[np.ndarray], qt: QType, *, block_siz
             return QuantizedWeight(q, scale, zero, qt, axis=1, block_size=block_size)
         return QuantizedWeight(q, scale[:, 0], zero[:, 0], qt, axis=0)
 
-    plain = plain_roundings(w_nk, qt, axis=1 if block_size else 0, block_size=block_size, symmetric=symmetric)
+    plain = functools.partial(plain_roundings, w_nk, qt, axis=1 if block_size else 0, block_size=block_size, symmetric=symmetric)
     return select(w_nk[None], FoldedHessian.of_rows(arrays, k), fit, plain)
 
 

@@ -24,6 +24,7 @@ against plain rounding on rows it was not made from. Used by quantize-weights (`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -162,7 +163,7 @@ class ConvCalibration:
             def fit(h: np.ndarray, damp: float) -> QuantizedWeight:
                 return conv_gptq(w, h, qt, block_size=block_size, symmetric=symmetric, search=True, damp=damp)
 
-            plain = plain_roundings(w, qt, axis=1 if block_size else 0, block_size=block_size, symmetric=symmetric)
+            plain = functools.partial(plain_roundings, w, qt, axis=1 if block_size else 0, block_size=block_size, symmetric=symmetric)
             self.done[key] = select(w.reshape(groups, w.shape[0] // groups, -1), self.hessians, fit, plain)
         return self.done[key]
 
