@@ -277,20 +277,36 @@ def _bisect(check: _Evaluator, order: list[int], alone: dict[int, float], label:
 REFINE_TRIES = 4
 """Kept nodes tried back in int8 after the bisection."""
 
-SEARCH_SAMPLES, SEARCH_ROWS = 2, 16
-"""The searches check the budget on at most this many calibration samples of at most this many rows."""
+SEARCH_ROWS = 32
+"""The searches check the budget on the first calibration samples holding at most this many rows."""
 RANK_ROWS = 4
-"""Rows of the first calibration sample the per-node sensitivity ranking runs on."""
+"""Rows of the first calibration samples the per-node sensitivity ranking runs on."""
 
 
-def search_rows(samples: Sequence[Sample], count: int, rows: int, model: ir.Model) -> list[Sample]:
-    """The first ``count`` samples cut to ``rows`` along the batch axis: only when every input's first
-    dim is dynamic in the model and the same in the sample (else the sample stays whole)."""
+def search_rows(samples: Sequence[Sample], rows: int, model: ir.Model) -> list[Sample]:
+    """The first samples, in order, holding at most ``rows`` rows in all (at least one sample).
+
+    A sample's rows are its inputs' common first dim; it is cut to the rows left only when every
+    input's first dim is dynamic in the model (else it stays whole and counts its rows, or 1 when its
+    inputs disagree). Rows, not samples, bound both the cost and the evidence: a batch-1 model's
+    samples are one image each, and a cap of 2 samples let the static search choose light_resnet50's
+    float layers from 2 images — 21.8 dB on them, 14.8 dB on 2 others; from 4: 21.6 and 21.1 dB.
+    """
     dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
-    out = []
-    for s in samples[:count]:
+    out: list[Sample] = []
+    left = rows
+    for s in samples:
         firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
-        out.append({k: v[:rows] for k, v in s.items()} if dynamic and len(firsts) == 1 and None not in firsts else dict(s))
+        n = firsts.pop() if len(firsts) == 1 and None not in firsts else None
+        if n is not None and dynamic:
+            s, n = {k: v[:left] for k, v in s.items()}, min(n, left)
+        n = 1 if n is None else n
+        if out and n > left:
+            break
+        out.append(dict(s))
+        left -= n
+        if left <= 0:
+            break
     return out
 
 

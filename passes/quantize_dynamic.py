@@ -28,7 +28,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._qdynamic import MIN_OPSET, Candidate, apply, find_candidates, ort_runs_dynamic
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, search_goal, search_rows, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, keep_float_search, search_goal, search_rows, note_search
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class QuantizeDynamic(GraphPass):
             apply(m, [c for c in candidates if c.index not in keep], self.name, means)
             return m, None
 
-        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
-        found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, 1, RANK_ROWS, model), check, target, label=self.name, task=task)
+        check = search_rows(samples, SEARCH_ROWS, model)
+        found = keep_float_search(build, [c.index for c in candidates], search_rows(samples, RANK_ROWS, model), check, target, label=self.name, task=task)
         note_search(found, stats)
         for i, sqnr in found.alone.items():
             records[i]["alone_sqnr_db"] = round(sqnr, 2)

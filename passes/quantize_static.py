@@ -44,7 +44,7 @@ from graphopt.passes._biascorr import input_means, lookup
 from graphopt.passes._calibrate import Method
 from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, TRANSPARENT, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.passes._qconv import static_gptq_weights
@@ -208,8 +208,8 @@ class QuantizeStatic(GraphPass):
         """Nodes kept in float so the model meets the budget (plus margin) on the calibration data."""
         target, task = search_goal(budget, self.calibration, self.margin, self.target_sqnr, self.default_tolerance(), stats)
         model = build(None)[0]
-        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
-        rank = search_rows(samples, 1, RANK_ROWS, model)
+        check = search_rows(samples, SEARCH_ROWS, model)
+        rank = search_rows(samples, RANK_ROWS, model)
         nodes = list(model.graph)
         weights = {i: (layer.tensor.size if (layer := as_linear_layer(nodes[i])) is not None else 0) for i in compute}
         try:

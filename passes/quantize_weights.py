@@ -46,7 +46,7 @@ from graphopt.passes import _biascorr
 from graphopt.passes._gptq import gptq
 from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
-from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, SEARCH_SAMPLES, Search, keep_float_search, search_goal, search_rows, note_search
+from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, Search, keep_float_search, search_goal, search_rows, note_search
 from graphopt.passes._gptq import Inputs
 from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
 from graphopt.verify import OrtFailure
@@ -218,8 +218,8 @@ class QuantizeWeights(GraphPass):
         keys = sorted(set(groups))
         first = self._candidates(model, Counter())  # the same list in the same order: build relies on it
         weights = {g: int(np.prod(first[g].shape)) for g in keys}
-        check = search_rows(samples, SEARCH_SAMPLES, SEARCH_ROWS, model)
-        rank = search_rows(samples, 1, RANK_ROWS, model)
+        check = search_rows(samples, SEARCH_ROWS, model)
+        rank = search_rows(samples, RANK_ROWS, model)
         target, task = search_goal(budget, self.calibration, self.margin, self.target_sqnr, self.default_tolerance(), stats)
         try:
             found = keep_float_search(build, keys, rank, check, target, self.search_seconds, weights, self.name, task, kept_exact=self._fallback() is None, cheap_share=self.cheap_float_share)

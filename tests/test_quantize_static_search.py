@@ -184,14 +184,22 @@ def test_runner_budget_and_tolerance_drive_the_search() -> None:
         assert_valid(model)
 
 
-def test_search_rows_cut_only_along_a_dynamic_batch() -> None:
+def test_search_rows_bound_rows_not_samples() -> None:
+    """Samples are taken in order up to the row budget, cut only along a dynamic batch axis: a batch-1
+    model's one-row samples all count (a cap on samples let a search choose from 2 images)."""
     from graphopt.passes._qsearch import search_rows as _rows
 
-    dynamic, data = _mlp(1.0), [{"x": np.zeros((40, 16), np.float32)}]
-    assert _rows(data, 1, 4, dynamic)[0]["x"].shape == (4, 16)
+    def shapes(data: list[dict], model: ir.Model) -> list[tuple[int, ...]]:
+        return [s["x"].shape for s in _rows(data, 4, model)]
+
+    dynamic = _mlp(1.0)
+    assert shapes([{"x": np.zeros((40, 16), np.float32)}], dynamic) == [(4, 16)]
+    assert shapes([{"x": np.zeros((3, 16), np.float32)}] * 3, dynamic) == [(3, 16), (1, 16)]
     fixed = _mlp(1.0)
+    fixed.graph.inputs[0].shape = ir.Shape([1, 16])
+    assert shapes([{"x": np.zeros((1, 16), np.float32)}] * 6, fixed) == [(1, 16)] * 4
     fixed.graph.inputs[0].shape = ir.Shape([40, 16])
-    assert _rows(data, 1, 4, fixed)[0]["x"].shape == (40, 16)
+    assert shapes([{"x": np.zeros((40, 16), np.float32)}] * 2, fixed) == [(40, 16)]
 
 
 def _conv_chain() -> ir.Model:
