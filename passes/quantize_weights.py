@@ -86,7 +86,7 @@ class QuantizeWeights(GraphPass):
     ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
-    min_fan_in: int = option(32, "4 bits: leave convs whose output channels each sum fewer weights than this in float (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
+    min_fan_in: int = option(32, "4 bits: convs whose output channels each sum fewer weights than this get fallback-bits (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
     per_channel_min_gain: float = option(1.0, "8 bits: per-tensor scale where per-channel scales raise the weight's SQNR by less than this many dB (0: always per channel)")
     search: bool = option(True, "when the all-quantized model misses the budget, keep the most harmful layers in float until it meets it (with margin)")
     cheap_float_share: float = option(0.001, "within budget too, keep back (float; 8 bits at 4) the layers whose weights are at most this share of all and that alone gain >= 1 dB output SQNR (0: off)")
@@ -106,6 +106,9 @@ class QuantizeWeights(GraphPass):
             return PassResult(model, modified=False, stats={"already_quantized": 1})
         stats["folded_transpose"] = fold_transposed_weights(model, NameSet(model), [op for op in self.ops if op in ("MatMul", "Gemm")])
         candidates = self._candidates(model, stats)
+        if self._fallback() is None and all(self._small_fan_in(c) for c in candidates):  # nothing would change but the opset
+            stats["small_fan_in"] += len(candidates)
+            candidates = []
         if not candidates:
             return self._result(model, stats, [])
         need = self._opset_needed()
@@ -169,15 +172,20 @@ class QuantizeWeights(GraphPass):
         fallback = self._fallback()
         for k, layer in enumerate(candidates):
             quantizer = self
-            if k in keep:
+            narrow = k not in keep and self._small_fan_in(layer)
+            why = f"fan-in {int(np.prod(layer.shape[1:]))} < min-fan-in {self.min_fan_in}" if narrow else ""
+            if k in keep or narrow:
                 if fallback is None or layer.kind == "gather":
                     w = layer.tensor
-                    layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"})
-                    stats["kept_float_sensitivity"] += 1
+                    layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"}
+                                  | ({"reason": why} if narrow else {}))
+                    stats["small_fan_in" if narrow else "kept_float_sensitivity"] += 1
                     continue
                 quantizer = fallback
-                stats[f"kept_{fallback.bits}bit_sensitivity"] += 1
+                stats[f"small_fan_in_{fallback.bits}bit" if narrow else f"kept_{fallback.bits}bit_sensitivity"] += 1
             record = quantizer._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made, means)
+            if narrow:
+                record["reason"] = f"{why}: {quantizer.bits} bits"
             stats[record["choice"]] += 1
             if "bias_correction" in record:
                 stats["bias_corrected" if record["bias_correction"] == "applied" else "bias_uncorrected_" + record["bias_correction"]] += 1
@@ -187,6 +195,10 @@ class QuantizeWeights(GraphPass):
         for graph in {id(v.graph): v.graph for v in made if v.graph is not None}.values():
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return layers
+
+    def _small_fan_in(self, layer: LinearLayer) -> bool:
+        """A conv too narrow for 4 bits (``min-fan-in``): it gets the fallback bits, or stays float."""
+        return self.bits == 4 and layer.kind == "conv" and int(np.prod(layer.shape[1:])) < self.min_fan_in
 
     def _fallback(self) -> QuantizeWeights | None:
         """This pass at ``fallback_bits`` (8-bit per-channel, DequantizeLinear) for the layers the
@@ -215,8 +227,8 @@ class QuantizeWeights(GraphPass):
             self._quantize_all(m, self._candidates(m, Counter()), {k for k, g in enumerate(groups) if g in keep}, per_tensor, activations, Counter(), means)
             return m, None
 
-        keys = sorted(set(groups))
         first = self._candidates(model, Counter())  # the same list in the same order: build relies on it
+        keys = sorted(g for g in set(groups) if not self._small_fan_in(first[g]))  # those never take 4 bits
         weights = {g: int(np.prod(first[g].shape)) for g in keys}
         check = search_rows(samples, SEARCH_ROWS, model)
         rank = search_rows(samples, RANK_ROWS, model)
@@ -268,8 +280,6 @@ class QuantizeWeights(GraphPass):
                 stats["excluded"] += 1
             elif int(np.prod(layer.shape)) < self.min_elements:
                 stats["too_small"] += 1
-            elif self.bits == 4 and layer.kind == "conv" and int(np.prod(layer.shape[1:])) < self.min_fan_in:
-                stats["small_fan_in"] += 1
             elif not self._saves_bytes(layer):
                 stats["not_smaller"] += 1
             elif layer.weight.is_graph_output() or layer.weight.is_graph_input():

@@ -251,8 +251,12 @@ def test_depthwise_and_small_fan_in_stay_per_channel() -> None:
     assert QuantizeWeights(bits=4, min_fan_in=16, conv_block_size=16, search=False, per_channel_min_gain=0)(dw).modified
     d = _dq(dw)
     assert d.attributes.get_int("axis") == 0 and d.attributes.get_int("block_size", 0) == 0
-    result = QuantizeWeights(bits=4)(_conv_model(64, 64, (3, 3), 64, hw=(8, 8)))  # fan-in 9 < min-fan-in
+    result = QuantizeWeights(bits=4, fallback_bits=0)(_conv_model(64, 64, (3, 3), 64, hw=(8, 8)))  # fan-in 9 < min-fan-in
     assert not result.modified and result.stats["small_fan_in"] == 1
+    narrow = _conv_model(64, 64, (3, 3), 64, hw=(8, 8))
+    result = QuantizeWeights(bits=4)(narrow)  # the fallback: 8 bits per output channel
+    assert result.stats["small_fan_in_8bit"] == 1 and result.layers[0]["reason"] == "fan-in 9 < min-fan-in 32: 8 bits"
+    assert _dq(narrow).attributes.get_int("axis") == 0 and _dq(narrow).inputs[0].dtype == ir.DataType.INT8
     narrow = _conv_model(32, 64, (3, 3), hw=(8, 8))  # 32 channels: one block of 32, so per output channel
     QuantizeWeights(bits=4, conv_block_size=32, search=False)(narrow)
     assert _dq(narrow).attributes.get_int("axis") == 0 and constant_array(_dq(narrow).inputs[1]).shape == (64,)

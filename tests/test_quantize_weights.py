@@ -267,19 +267,31 @@ def test_after_svd_split() -> None:
     assert report.records[-1].verdict == "ok" and report.records[-1].stats["quantized"] >= 4
 
 
-def test_int4_leaves_depthwise_convs_in_float() -> None:
-    """Depthwise 3x3 (9 weights per channel) stays float at 4 bits; a 1x1 conv over 64 channels is quantized; int8 takes both."""
+def test_int4_gives_depthwise_convs_8_bits() -> None:
+    """Depthwise 3x3 (9 weights per channel) is too narrow for 4 bits: it gets 8-bit per-channel
+    weights (float with fallback-bits=0); a 1x1 conv over 64 channels takes 4 bits."""
     h, T = onnx.helper, onnx.TensorProto
     dw = onnx.numpy_helper.from_array(RNG.standard_normal((64, 1, 3, 3)).astype(np.float32), "dw")
     pw = onnx.numpy_helper.from_array(RNG.standard_normal((32, 64, 1, 1)).astype(np.float32), "pw")
     nodes = [h.make_node("Conv", ["x", "dw"], ["d"], name="depthwise", group=64, pads=[1, 1, 1, 1]), h.make_node("Conv", ["d", "pw"], ["y"], name="pointwise")]
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 64, 6, 6])], [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 6, 6])], [dw, pw])
     proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
-    for bits, expected in ((4, {"small_fan_in": 1, "quantized": 1}), (8, {"quantized": 2})):
-        p = QuantizeWeights(bits=bits, per_channel_min_gain=0)
-        result = p(ir.from_proto(proto))
-        assert {k: v for k, v in result.stats.items() if k in ("small_fan_in", "quantized")} == expected
+    for options, expected, depthwise_type in (
+        ({"bits": 4}, {"small_fan_in_8bit": 1, "quantized": 2}, T.INT8),
+        ({"bits": 4, "fallback_bits": 0}, {"small_fan_in": 1, "quantized": 1}, None),
+        ({"bits": 8}, {"quantized": 2}, T.INT8),
+    ):
+        result = QuantizeWeights(per_channel_min_gain=0, **options)(ir.from_proto(proto))
+        assert {k: v for k, v in result.stats.items() if k.startswith("small_fan_in") or k == "quantized"} == expected
         convs = {n.name: n for n in result.model.graph if n.op_type == "Conv"}
-        assert (convs["depthwise"].inputs[1].const_value is not None) == (bits == 4)  # float weight read directly
+        weight = convs["depthwise"].inputs[1]
+        if depthwise_type is None:
+            assert weight.const_value is not None  # float weight read directly
+        else:
+            dq = weight.producer()
+            assert dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype == ir.DataType(depthwise_type) and dq.attributes.get_int("axis") == 0
+        assert_valid(result.model)
+        data = feeds(ir.from_proto(proto))
+        assert compare_outputs(outputs(ir.from_proto(proto), data), outputs(result.model, data, "deploy"))[0].sqnr_db > 15.0
     result = QuantizeWeights(bits=4, min_fan_in=0, search=False)(ir.from_proto(proto))  # the search would keep the ruined depthwise in float
     assert result.stats["quantized"] == 2
