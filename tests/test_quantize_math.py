@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from graphopt.passes._calibrate import tensor_range
-from graphopt.passes._qmath import QTYPES, dequantize, expand, pack_matmulnbits, quantize, quantize_weight, scale_zero_point
+from graphopt.passes._qmath import QTYPES, SEARCH_GRID, dequantize, expand, pack_matmulnbits, quantize, quantize_weight, scale_zero_point
 
 ONNX_TYPE = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
 
@@ -83,6 +83,31 @@ def test_per_channel_and_blocked_parameters_have_spec_shapes() -> None:
     search = quantize_weight(w, QTYPES["int4"], axis=0, block_size=16, search=True)
     err = lambda qw: float(np.sum((qw.dequantized() - w) ** 2))  # noqa: E731
     assert err(search) <= err(blocked)
+
+
+@pytest.mark.parametrize(("axis", "block", "qt_name", "symmetric"), [(None, 0, "int8", True), (0, 0, "int4", True), (1, 0, "uint8", False), (1, 16, "int4", True), (0, 16, "uint4", False)])
+def test_mse_search_takes_each_groups_best_factor(axis: int | None, block: int, qt_name: str, symmetric: bool) -> None:
+    """Each group (tensor, row/column, block; the last block partial) gets the range factor of
+    SEARCH_GRID with its least squared error, as a brute force over the groups one by one finds it."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((40, 50)) * rng.uniform(0.1, 2.0, (40, 1))).astype(np.float32)
+    qt = QTYPES[qt_name]
+    got = quantize_weight(w, qt, axis=axis, block_size=block, symmetric=symmetric, search=True).dequantized()
+    rows, cols = w.shape
+    groups = {
+        (None, 0): [np.s_[:, :]],
+        (0, 0): [np.s_[i, :] for i in range(rows)],
+        (1, 0): [np.s_[:, j] for j in range(cols)],
+        (1, 16): [np.s_[i, j : j + 16] for i in range(rows) for j in range(0, cols, 16)],
+        (0, 16): [np.s_[i : i + 16, j] for i in range(0, rows, 16) for j in range(cols)],
+    }[axis, block]
+    for index in groups:
+        g = w[index]
+        errs = []
+        for f in SEARCH_GRID:
+            s, z = scale_zero_point(g.min() * f, g.max() * f, qt, symmetric)
+            errs.append(float(np.sum((dequantize(quantize(g, s, z, qt), s, z) - g).astype(np.float64) ** 2)))
+        assert float(np.sum((got[index] - g).astype(np.float64) ** 2)) == min(errs), index
 
 
 def test_pruned_zeros_stay_zero() -> None:
