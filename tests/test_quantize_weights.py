@@ -214,6 +214,19 @@ def test_gptq_from_fewer_rows_than_columns_falls_back_to_plain_rounding() -> Non
     assert overfit < held_out["plain"] - 1.0, (overfit, held_out)  # measured: 2.2 dB worse
 
 
+def test_upper_inverse_cholesky_factors_the_inverse_hessian() -> None:
+    """GPTQ's ``U`` with ``H^-1 = U^T U`` (upper, positive diagonal), per stacked problem; one not
+    positive definite gets the identity (plain rounding) without spoiling the others."""
+    x = np.random.default_rng(3).standard_normal((3, 40, 12))
+    h = x.transpose(0, 2, 1) @ x
+    h[1] = -np.eye(12)
+    u = _gptq._upper_inverse_cholesky(h)
+    for i in (0, 2):
+        assert np.allclose(u[i], np.triu(u[i])) and np.all(np.diag(u[i]) > 0)
+        assert np.allclose(u[i].T @ u[i], np.linalg.inv(h[i]))
+    assert np.array_equal(u[1], np.eye(12))
+
+
 def test_transposed_constant_weight_is_folded_and_quantized() -> None:
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[2,32] x) => (float[2,16] y) <float[16,32] w = {%s}> { t = Transpose<perm=[1,0]>(w)  y = MatMul(x, t) }""" % ",".join(
