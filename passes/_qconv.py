@@ -48,6 +48,9 @@ MAX_COLUMNS = 4608
 """Convs with more columns per group (``(C/g)·prod(kernel)``; 512 x 3x3 is 4608) keep plain rounding."""
 MAX_HESSIAN_BYTES = 1 << 30
 """Bound on the float32 Hessians held for one pass run; the Convs past it keep plain rounding."""
+CAPTURE_BYTES = 1 << 28
+"""Bound on the Conv inputs captured in one onnxruntime run: more runs, the same sums.
+EfficientNet-Lite0's 49 Conv inputs over its 28 calibration images are 729 MB."""
 
 
 def im2col(x: np.ndarray, geo: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
@@ -192,19 +195,48 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
     wanted = sorted({layer.node.inputs[0].name for layer in convs})
     sums = {id(layer.node): HessianSum() for layer in convs}
     quota = max(1, MAX_ROWS // len(samples))
+    readers = {name: [layer for layer in convs if layer.node.inputs[0].name == name] for name in wanted}
     for start in range(0, len(samples), SAMPLE_CHUNK):
-        captured = capture(model, samples[start : start + SAMPLE_CHUNK], wanted)
-        for layer in convs:
-            for i, a in enumerate(captured[layer.node.inputs[0].name]):
-                fold = (start + i) % 2 if len(samples) > 1 else None
-                sums[id(layer.node)].add(a, layer.node, layer.shape, quota, seed=start + i, fold=fold)
-        del captured
+        chunk = samples[start : start + SAMPLE_CHUNK]
+        for names in _capture_groups(model, wanted, chunk):
+            captured = capture(model, chunk, names)
+            for name in names:
+                for layer in readers[name]:
+                    for i, a in enumerate(captured[name]):
+                        fold = (start + i) % 2 if len(samples) > 1 else None
+                        sums[id(layer.node)].add(a, layer.node, layer.shape, quota, seed=start + i, fold=fold)
+            del captured
     out: dict[str, ConvInputs] = {}
     for layer in convs:
         folds = sums[id(layer.node)].folds
         assert folds is not None
         out.setdefault(layer.node.inputs[0].name, ConvInputs())[layer.node.outputs[0].name] = ConvCalibration(folds)
     return out
+
+
+def _capture_groups(model: ir.Model, names: list[str], samples: Sequence) -> list[list[str]]:
+    """``names`` in consecutive groups whose values over ``samples`` take at most
+    :data:`CAPTURE_BYTES` (a value over it is a group of its own). Sizes per row come from one
+    probe run on the first sample (one row of it where the batch dim is dynamic): exported models
+    rarely carry intermediate shapes, and onnx's inference often leaves spatial dims unknown."""
+    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
+    probe = {k: v[:1] for k, v in samples[0].items()} if dynamic else dict(samples[0])
+    per_row = {name: a[0].nbytes / max(_rows(probe), 1) for name, a in capture(model, [probe], names).items()}
+    rows = sum(_rows(s) for s in samples)
+    groups: list[list[str]] = []
+    held = math.inf
+    for name in names:
+        size = per_row[name] * rows
+        if held + size > CAPTURE_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    return groups
+
+
+def _rows(sample: dict) -> int:
+    return max((np.shape(v)[0] for v in sample.values() if np.ndim(v)), default=1)
 
 
 def static_gptq_weights(model: ir.Model, layers: Sequence, samples: Sequence, per_channel: bool) -> dict[tuple[int, int | None], QuantizedWeight]:

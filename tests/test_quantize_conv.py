@@ -196,6 +196,24 @@ def _digits_split() -> tuple[ir.Model, list[dict], list[dict], list[dict]]:
     return model, calib, test, outputs(model, test)
 
 
+def test_conv_inputs_captured_in_bounded_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture bound smaller than one Conv input: one onnxruntime run per input, the same Hessians."""
+    from graphopt.layers import linear_layers
+
+    model, calib, _, _ = _digits_split()
+    layers = list(linear_layers(model, ["Conv"]))
+    whole = _qconv.conv_calibration(model, layers, calib)
+    runs: list[int] = []
+    capture = _qconv.capture
+    monkeypatch.setattr(_qconv, "capture", lambda m, s, names: runs.append(len(names)) or capture(m, s, names))
+    monkeypatch.setattr(_qconv, "CAPTURE_BYTES", 1)
+    grouped = _qconv.conv_calibration(model, layers, calib)
+    assert runs == [2, 1, 1]  # the size probe, then one input per run
+    for name, convs in whole.items():
+        for out, calibration in convs.items():
+            assert np.array_equal(calibration.hessians.sums, grouped[name][out].hessians.sums)
+
+
 def test_blocked_beats_per_channel_on_trained_cnn() -> None:
     """digits_cnn's second conv (16 input channels x 3x3): blocks of 8 channels vs one scale per output channel."""
     model, calib, test, reference = _digits_split()
