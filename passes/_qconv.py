@@ -196,9 +196,10 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
     sums = {id(layer.node): HessianSum() for layer in convs}
     quota = max(1, MAX_ROWS // len(samples))
     readers = {name: [layer for layer in convs if layer.node.inputs[0].name == name] for name in wanted}
+    per_row = _bytes_per_row(model, wanted, samples[0])
     for start in range(0, len(samples), SAMPLE_CHUNK):
         chunk = samples[start : start + SAMPLE_CHUNK]
-        for names in _capture_groups(model, wanted, chunk):
+        for names in _capture_groups(wanted, per_row, sum(_rows(s) for s in chunk)):
             captured = capture(model, chunk, names)
             for name in names:
                 for layer in readers[name]:
@@ -214,15 +215,18 @@ def conv_calibration(model: ir.Model, layers: Sequence, samples: Sequence) -> di
     return out
 
 
-def _capture_groups(model: ir.Model, names: list[str], samples: Sequence) -> list[list[str]]:
-    """``names`` in consecutive groups whose values over ``samples`` take at most
-    :data:`CAPTURE_BYTES` (a value over it is a group of its own). Sizes per row come from one
-    probe run on the first sample (one row of it where the batch dim is dynamic): exported models
-    rarely carry intermediate shapes, and onnx's inference often leaves spatial dims unknown."""
+def _bytes_per_row(model: ir.Model, names: list[str], sample: dict) -> dict[str, float]:
+    """Bytes per batch row of each named value, from one probe run on ``sample`` (one row of it
+    where the batch dim is dynamic): exported models rarely carry intermediate shapes, and onnx's
+    inference often leaves spatial dims unknown."""
     dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
-    probe = {k: v[:1] for k, v in samples[0].items()} if dynamic else dict(samples[0])
-    per_row = {name: a[0].nbytes / max(_rows(probe), 1) for name, a in capture(model, [probe], names).items()}
-    rows = sum(_rows(s) for s in samples)
+    probe = {k: v[:1] for k, v in sample.items()} if dynamic else dict(sample)
+    return {name: a[0].nbytes / max(_rows(probe), 1) for name, a in capture(model, [probe], names).items()}
+
+
+def _capture_groups(names: list[str], per_row: dict[str, float], rows: int) -> list[list[str]]:
+    """``names`` in consecutive groups whose values over ``rows`` rows take at most
+    :data:`CAPTURE_BYTES` (a value over it is a group of its own)."""
     groups: list[list[str]] = []
     held = math.inf
     for name in names:
