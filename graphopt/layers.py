@@ -57,7 +57,7 @@ class LinearLayer:
     @property
     def output_axis(self) -> int:
         """Axis of the stored weight that indexes output channels / neurons."""
-        if self.kind == "matmul":
+        if self.kind in ("matmul", "recurrent"):  # recurrent: LSTM/GRU/RNN W or R, [directions, gates x hidden, K]
             return 1
         if self.kind == "gemm":
             return 0 if self.node.attributes.get_int("transB", 0) else 1
@@ -68,6 +68,8 @@ class LinearLayer:
         """Axes of the stored weight summed over in the product (N:M and per-channel work along these)."""
         if self.kind == "conv":
             return tuple(range(1, len(self.shape)))
+        if self.kind == "recurrent":
+            return (2,)
         return (1 - self.output_axis,)
 
     @property

@@ -83,7 +83,7 @@ class QuantizeWeights(GraphPass):
     conv_block_min_gain: float = option(3.0, "Conv blocks only where they raise the weight's SQNR by this many dB over per-output-channel scales (Gaussian weights gain ~2 dB at 32)")
     rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
-    ops: list[str] = option(["MatMul", "Gemm", "Conv"], "op types whose constant weights are quantized")
+    ops: list[str] = option(["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"], "op types whose constant weights are quantized (LSTM/GRU/RNN: W and R)")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
     min_fan_in: int = option(32, "4 bits: convs whose output channels each sum fewer weights than this get fallback-bits (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
@@ -293,6 +293,7 @@ class QuantizeWeights(GraphPass):
                 out.extend(group)
         if self.gather:
             out.extend(_gather_tables(model, self.exclude, self.min_elements))
+        out.extend(_recurrent_weights(model, [op for op in self.ops if op in RECURRENT], self.exclude, self.min_elements))
         return out
 
     def _saves_bytes(self, layer: LinearLayer) -> bool:
@@ -358,7 +359,7 @@ class QuantizeWeights(GraphPass):
                     qw, axis = one, None
         record["scales"] = "per-tensor" if qw.scale.ndim == 0 or axis is None else ("blocked" if block else "per-channel")
         record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
-        if means is not None and layer.kind != "gather":
+        if means is not None and layer.kind not in ("gather", "recurrent"):
             record.update(_biascorr.correct_bias(layer, w, qw.dequantized(), _biascorr.lookup(means, layer), names))
         graph = node.graph
         assert graph is not None
@@ -460,6 +461,28 @@ def _to_matmulnbits(layer: LinearLayer, qw: QuantizedWeight, names: NameSet, pas
         graph.opset_imports["com.microsoft"] = 1
     _take_over(node.outputs[0], y)
     graph.remove(node, safe=True)
+
+
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def _recurrent_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elements: int) -> list[LinearLayer]:
+    """The constant float W and R inputs (``[directions, gates x hidden, input or hidden]``) of
+    LSTM/GRU/RNN nodes, seen as layers of kind "recurrent": one scale per gate row (axis 1) at 8
+    bits, blocks along axis 2 at 4. Weight-only: onnxruntime dequantizes them and runs the float op."""
+    out = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if not any(is_onnx_op(node, op) for op in ops):
+            continue
+        for index in (1, 2):
+            w = node.inputs[index] if len(node.inputs) > index else None
+            table = constant_array(w) if w is not None else None
+            if table is None or table.dtype != np.float32 or table.ndim != 3 or table.size < min_elements:
+                continue
+            if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
+                continue
+            out.append(LinearLayer(node, "recurrent", index))  # type: ignore[arg-type]
+    return out
 
 
 def _gather_tables(model: ir.Model, exclude: list[str], min_elements: int) -> list[LinearLayer]:

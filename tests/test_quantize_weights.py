@@ -214,6 +214,44 @@ def test_gptq_from_fewer_rows_than_columns_falls_back_to_plain_rounding() -> Non
     assert overfit < held_out["plain"] - 1.0, (overfit, held_out)  # measured: 2.2 dB worse
 
 
+def _recurrent_model(op: str, shared: bool = False) -> onnx.ModelProto:
+    """x[T=5, N=2, 24] -> one bidirectional LSTM/GRU/RNN (hidden 32) with constant W and R."""
+    h, T = onnx.helper, onnx.TensorProto
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op] * 32
+    w = onnx.numpy_helper.from_array((RNG.standard_normal((2, gates, 24)) / 5).astype(np.float32), "W")
+    r = onnx.numpy_helper.from_array((RNG.standard_normal((2, gates, 32)) / 6).astype(np.float32), "R")
+    nodes = [h.make_node(op, ["x", "W", "R"], ["y"], name="rnn", hidden_size=32, direction="bidirectional")]
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, [5, 2, 2, 32])]
+    if shared:  # W read by another node too: not a weight this pass may rewrite
+        nodes.append(h.make_node("Identity", ["W"], ["w_copy"]))
+        outputs.append(h.make_tensor_value_info("w_copy", T.FLOAT, [2, gates, 24]))
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [5, 2, 24])], outputs, [w, r])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_recurrent_weights_are_quantized(op: str, bits: int) -> None:
+    """LSTM/GRU/RNN W and R: one scale per gate row (axis 1) at 8 bits, blocks along axis 2 at 4;
+    onnxruntime runs the model at both levels within the pass's budget."""
+    proto = _recurrent_model(op)
+    model = ir.from_proto(proto)
+    result = QuantizeWeights(bits=bits, block_size=16, per_channel_min_gain=0)(model)
+    assert result.stats["quantized"] == 2
+    node = next(n for n in model.graph if n.op_type == op)
+    for index in (1, 2):
+        dq = node.inputs[index].producer()
+        assert dq is not None and dq.op_type == "DequantizeLinear"
+        assert dq.attributes.get_int("axis") == (1 if bits == 8 else 2) and dq.attributes.get_int("block_size", 0) == (0 if bits == 8 else 16)
+    assert_valid(model)
+    data = feeds(ir.from_proto(proto))
+    reference = outputs(ir.from_proto(proto), data)
+    for level in ("exact", "deploy"):
+        assert compare_outputs(reference, outputs(model, data, level))[0].sqnr_db > (30.0 if bits == 8 else 15.0)
+    shared = ir.from_proto(_recurrent_model(op, shared=True))
+    assert QuantizeWeights()(shared).stats.get("quantized") == 1  # R only
+
+
 def test_upper_inverse_cholesky_factors_the_inverse_hessian() -> None:
     """GPTQ's ``U`` with ``H^-1 = U^T U`` (upper, positive diagonal), per stacked problem; one not
     positive definite gets the identity (plain rounding) without spoiling the others."""
