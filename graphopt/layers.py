@@ -57,7 +57,7 @@ class LinearLayer:
     @property
     def output_axis(self) -> int:
         """Axis of the stored weight that indexes output channels / neurons."""
-        if self.kind in ("matmul", "recurrent"):  # recurrent: LSTM/GRU/RNN W or R, [directions, gates x hidden, K]
+        if self.kind in ("matmul", "recurrent", "convtranspose"):  # recurrent: LSTM/GRU/RNN W or R, [directions, gates x hidden, K]; convtranspose: [Cin, Cout/group, *kernel]
             return 1
         if self.kind == "gemm":
             return 0 if self.node.attributes.get_int("transB", 0) else 1
@@ -70,6 +70,8 @@ class LinearLayer:
             return tuple(range(1, len(self.shape)))
         if self.kind == "recurrent":
             return (2,)
+        if self.kind == "convtranspose":
+            return (0, *range(2, len(self.shape)))
         return (1 - self.output_axis,)
 
     @property

@@ -83,7 +83,7 @@ class QuantizeWeights(GraphPass):
     conv_block_min_gain: float = option(3.0, "Conv blocks only where they raise the weight's SQNR by this many dB over per-output-channel scales (Gaussian weights gain ~2 dB at 32)")
     rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
     gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
-    ops: list[str] = option(["MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"], "op types whose constant weights are quantized (LSTM/GRU/RNN: W and R)")
+    ops: list[str] = option(["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"], "op types whose constant weights are quantized (LSTM/GRU/RNN: W and R)")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
     min_fan_in: int = option(32, "4 bits: convs whose output channels each sum fewer weights than this get fallback-bits (depthwise 3x3/5x5, RGB stems: a tiny share of bytes, ruined by 15 levels)")
@@ -106,8 +106,8 @@ class QuantizeWeights(GraphPass):
             return PassResult(model, modified=False, stats={"already_quantized": 1})
         stats["folded_transpose"] = fold_transposed_weights(model, NameSet(model), [op for op in self.ops if op in ("MatMul", "Gemm")])
         candidates = self._candidates(model, stats)
-        if self._fallback() is None and all(self._small_fan_in(c) for c in candidates):  # nothing would change but the opset
-            stats["small_fan_in"] += len(candidates)
+        if self._fallback() is None and all(self._why_not_4bit(c) for c in candidates):  # nothing would change but the opset
+            stats.update(_not_4bit_stat(c) for c in candidates)
             candidates = []
         if not candidates:
             return self._result(model, stats, [])
@@ -172,17 +172,17 @@ class QuantizeWeights(GraphPass):
         fallback = self._fallback()
         for k, layer in enumerate(candidates):
             quantizer = self
-            narrow = k not in keep and self._small_fan_in(layer)
-            why = f"fan-in {int(np.prod(layer.shape[1:]))} < min-fan-in {self.min_fan_in}" if narrow else ""
+            why = self._why_not_4bit(layer) if k not in keep else ""
+            narrow = bool(why)
             if k in keep or narrow:
                 if fallback is None or layer.kind == "gather":
                     w = layer.tensor
                     layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"}
                                   | ({"reason": why} if narrow else {}))
-                    stats["small_fan_in" if narrow else "kept_float_sensitivity"] += 1
+                    stats[_not_4bit_stat(layer) if narrow else "kept_float_sensitivity"] += 1
                     continue
                 quantizer = fallback
-                stats[f"small_fan_in_{fallback.bits}bit" if narrow else f"kept_{fallback.bits}bit_sensitivity"] += 1
+                stats[f"{_not_4bit_stat(layer)}_{fallback.bits}bit" if narrow else f"kept_{fallback.bits}bit_sensitivity"] += 1
             record = quantizer._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made, means)
             if narrow:
                 record["reason"] = f"{why}: {quantizer.bits} bits"
@@ -196,9 +196,15 @@ class QuantizeWeights(GraphPass):
             stats["shared_initializers"] += share_initializers(graph, [v for v in made if v.graph is graph])
         return layers
 
-    def _small_fan_in(self, layer: LinearLayer) -> bool:
-        """A conv too narrow for 4 bits (``min-fan-in``): it gets the fallback bits, or stays float."""
-        return self.bits == 4 and layer.kind == "conv" and int(np.prod(layer.shape[1:])) < self.min_fan_in
+    def _why_not_4bit(self, layer: LinearLayer) -> str:
+        """Why a layer takes the fallback bits (or stays float) at bits=4, or "": a conv too narrow for
+        4 bits (``min-fan-in``), or a ConvTranspose (no blocked layout for its weight here)."""
+        if self.bits != 4:
+            return ""
+        if layer.kind == "convtranspose":
+            return "ConvTranspose"
+        fan_in = int(np.prod(layer.shape[1:]))
+        return f"fan-in {fan_in} < min-fan-in {self.min_fan_in}" if layer.kind == "conv" and fan_in < self.min_fan_in else ""
 
     def _fallback(self) -> QuantizeWeights | None:
         """This pass at ``fallback_bits`` (8-bit per-channel, DequantizeLinear) for the layers the
@@ -228,7 +234,7 @@ class QuantizeWeights(GraphPass):
             return m, None
 
         first = self._candidates(model, Counter())  # the same list in the same order: build relies on it
-        keys = sorted(g for g in set(groups) if not self._small_fan_in(first[g]))  # those never take 4 bits
+        keys = sorted(g for g in set(groups) if not self._why_not_4bit(first[g]))  # those never take 4 bits
         weights = {g: int(np.prod(first[g].shape)) for g in keys}
         check = search_rows(samples, SEARCH_ROWS, model)
         rank = search_rows(samples, RANK_ROWS, model)
@@ -293,7 +299,7 @@ class QuantizeWeights(GraphPass):
                 out.extend(group)
         if self.gather:
             out.extend(_gather_tables(model, self.exclude, self.min_elements))
-        out.extend(_recurrent_weights(model, [op for op in self.ops if op in RECURRENT], self.exclude, self.min_elements))
+        out.extend(_other_weights(model, [op for op in self.ops if op in OTHER_KINDS], self.exclude, self.min_elements))
         return out
 
     def _saves_bytes(self, layer: LinearLayer) -> bool:
@@ -359,7 +365,7 @@ class QuantizeWeights(GraphPass):
                     qw, axis = one, None
         record["scales"] = "per-tensor" if qw.scale.ndim == 0 or axis is None else ("blocked" if block else "per-channel")
         record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
-        if means is not None and layer.kind not in ("gather", "recurrent"):
+        if means is not None and layer.kind not in ("gather", "recurrent", "convtranspose"):
             record.update(_biascorr.correct_bias(layer, w, qw.dequantized(), _biascorr.lookup(means, layer), names))
         graph = node.graph
         assert graph is not None
@@ -463,25 +469,33 @@ def _to_matmulnbits(layer: LinearLayer, qw: QuantizedWeight, names: NameSet, pas
     graph.remove(node, safe=True)
 
 
-RECURRENT = ("LSTM", "GRU", "RNN")
+OTHER_KINDS = {"LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent", "ConvTranspose": "convtranspose"}
+"""Ops whose weights only this pass quantizes (weight-only: onnxruntime dequantizes them and runs
+the float op), as layers of these kinds: LSTM/GRU/RNN W and R (``[directions, gates x hidden, K]``:
+one scale per gate row, axis 1, at 8 bits; blocks along axis 2 at 4) and ConvTranspose weights
+(``[Cin, Cout/group, *kernel]``: one scale per output channel, axis 1; 8 bits also at bits=4)."""
 
 
-def _recurrent_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elements: int) -> list[LinearLayer]:
-    """The constant float W and R inputs (``[directions, gates x hidden, input or hidden]``) of
-    LSTM/GRU/RNN nodes, seen as layers of kind "recurrent": one scale per gate row (axis 1) at 8
-    bits, blocks along axis 2 at 4. Weight-only: onnxruntime dequantizes them and runs the float op."""
+def _not_4bit_stat(layer: LinearLayer) -> str:
+    return "small_fan_in" if layer.kind == "conv" else layer.kind
+
+
+def _other_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elements: int) -> list[LinearLayer]:
+    """The constant float32 weights of the :data:`OTHER_KINDS` ops, each read by its node alone."""
     out = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if not any(is_onnx_op(node, op) for op in ops):
+        op = next((op for op in ops if is_onnx_op(node, op)), None)
+        if op is None:
             continue
-        for index in (1, 2):
+        kind = OTHER_KINDS[op]
+        for index in (1, 2) if kind == "recurrent" else (1,):
             w = node.inputs[index] if len(node.inputs) > index else None
             table = constant_array(w) if w is not None else None
-            if table is None or table.dtype != np.float32 or table.ndim != 3 or table.size < min_elements:
+            if table is None or table.dtype != np.float32 or table.ndim < 3 or (kind == "recurrent" and table.ndim != 3) or table.size < min_elements:
                 continue
             if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
                 continue
-            out.append(LinearLayer(node, "recurrent", index))  # type: ignore[arg-type]
+            out.append(LinearLayer(node, kind, index))  # type: ignore[arg-type]
     return out
 
 

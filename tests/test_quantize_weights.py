@@ -252,6 +252,32 @@ def test_recurrent_weights_are_quantized(op: str, bits: int) -> None:
     assert QuantizeWeights()(shared).stats.get("quantized") == 1  # R only
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_convtranspose_weights_are_quantized_per_output_channel(group: int) -> None:
+    """ConvTranspose W[Cin, Cout/group, kH, kW]: int8 with one scale per index of axis 1 (8 bits, and
+    the fallback at 4); float with bits=4 and fallback-bits=0."""
+    h, T = onnx.helper, onnx.TensorProto
+    w = onnx.numpy_helper.from_array((RNG.standard_normal((16, 24 // group, 3, 3)) / 8).astype(np.float32), "w")
+    node = h.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2], group=group)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 16, 5, 5])], [h.make_tensor_value_info("y", T.FLOAT, [2, 24, 11, 11])], [w])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    data = feeds(ir.from_proto(proto))
+    reference = outputs(ir.from_proto(proto), data)
+    for options, stat in (({"bits": 8}, "quantized"), ({"bits": 4}, "convtranspose_8bit"), ({"bits": 4, "fallback_bits": 0}, "convtranspose")):
+        model = ir.from_proto(proto)
+        result = QuantizeWeights(per_channel_min_gain=0, **options)(model)
+        assert result.stats.get(stat) == 1, result.stats
+        weight = next(n for n in model.graph if n.op_type == "ConvTranspose").inputs[1]
+        if stat == "convtranspose":
+            assert weight.const_value is not None and not result.modified
+            continue
+        dq = weight.producer()
+        assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("axis") == 1 and constant_array(dq.inputs[1]).shape == (24 // group,)
+        assert_valid(model)
+        for level in ("exact", "deploy"):
+            assert compare_outputs(reference, outputs(model, data, level))[0].sqnr_db > 30.0
+
+
 def test_upper_inverse_cholesky_factors_the_inverse_hessian() -> None:
     """GPTQ's ``U`` with ``H^-1 = U^T U`` (upper, positive diagonal), per stacked problem; one not
     positive definite gets the identity (plain rounding) without spoiling the others."""
