@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.edit import constant_tensor, is_onnx_op
 
-Kind = Literal["matmul", "matmul-left", "gemm", "conv"]
+Kind = Literal["matmul", "matmul-left", "gemm", "conv", "gather", "recurrent", "convtranspose"]
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
@@ -27,7 +27,9 @@ class LinearLayer:
 
     ``kind``: ``matmul`` is ``X @ W`` (W 2-D, input 1); ``matmul-left`` is ``W @ X`` (W 2-D, input 0);
     ``gemm`` is Gemm with constant B (``transB`` respected); ``conv`` is Conv with weight
-    ``[Cout, Cin/group, *kernel]``.
+    ``[Cout, Cin/group, *kernel]``. quantize-weights alone also makes ``gather`` (an embedding
+    table), ``recurrent`` (LSTM/GRU/RNN W or R) and ``convtranspose`` layers; :func:`as_linear_layer`
+    never returns those, so the other passes do not meet them.
     """
 
     node: ir.Node

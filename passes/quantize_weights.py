@@ -38,7 +38,7 @@ import onnx_ir as ir
 from graphopt.activations import capture
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.errors import UsageError
-from graphopt.layers import LinearLayer, linear_layers
+from graphopt.layers import Kind, LinearLayer, linear_layers
 from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
@@ -469,7 +469,7 @@ def _to_matmulnbits(layer: LinearLayer, qw: QuantizedWeight, names: NameSet, pas
     graph.remove(node, safe=True)
 
 
-OTHER_KINDS = {"LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent", "ConvTranspose": "convtranspose"}
+OTHER_KINDS: dict[str, Kind] = {"LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent", "ConvTranspose": "convtranspose"}
 """Ops whose weights only this pass quantizes (weight-only: onnxruntime dequantizes them and runs
 the float op), as layers of these kinds: LSTM/GRU/RNN W and R (``[directions, gates x hidden, K]``:
 one scale per gate row, axis 1, at 8 bits; blocks along axis 2 at 4) and ConvTranspose weights
@@ -495,7 +495,7 @@ def _other_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elem
                 continue
             if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
                 continue
-            out.append(LinearLayer(node, kind, index))  # type: ignore[arg-type]
+            out.append(LinearLayer(node, kind, index))
     return out
 
 
@@ -510,5 +510,5 @@ def _gather_tables(model: ir.Model, exclude: list[str], min_elements: int) -> li
             continue
         if matches(node, exclude, node.inputs[0]) or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
             continue
-        out.append(LinearLayer(node, "gather", 0))  # type: ignore[arg-type]
+        out.append(LinearLayer(node, "gather", 0))
     return out
