@@ -30,6 +30,18 @@ def batch_rows(samples: Sequence[Sample]) -> list[int]:
     return [next((len(a) for a in s.values() if np.ndim(a)), 1) for s in samples]
 
 
+def dynamic_batch(model: ir.Model) -> bool:
+    """Every graph input (initializers listed as inputs aside) has a symbolic first dim: samples may
+    be cut along it."""
+    return all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs if not v.is_initializer())
+
+
+def sample_rows(sample: Sample) -> int | None:
+    """The first dim all of the sample's arrays share, or None (a scalar, or arrays that disagree)."""
+    firsts = {np.shape(v)[0] if np.ndim(v) else None for v in sample.values()}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapeSpec:
     """Parsed ``--input-shape`` values: whole shapes per input name and values per dimension name."""

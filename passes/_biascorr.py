@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.data import Sample
+from graphopt.data import Sample, dynamic_batch, sample_rows
 from graphopt.edit import NameSet, add_initializer, constant_array, drop_if_unused, is_onnx_op, onnx_opset
 from graphopt.layers import LinearLayer
 from graphopt.passes._util import conv_geometry, conv_out_size, tap_windows
@@ -154,12 +154,11 @@ def input_means(model: ir.Model, layers: Sequence[LinearLayer], samples: Sequenc
 def _chunks(model: ir.Model, samples: Sequence[Sample]) -> list[tuple[Sample, int]]:
     """Samples cut into pieces of at most ``CHUNK_ROWS`` rows (batch axis, when every input's is
     dynamic and the sample's arrays agree on it), ``BIAS_ROWS`` rows in all; with their row counts."""
-    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs if not v.is_initializer())
+    dynamic = dynamic_batch(model)
     out: list[tuple[Sample, int]] = []
     total = 0
     for s in samples:
-        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
-        n = firsts.pop() if dynamic and len(firsts) == 1 else None
+        n = sample_rows(s) if dynamic else None
         if n is None:
             out.append((dict(s), 1))
             total += 1

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.activations import capture
+from graphopt.data import dynamic_batch, sample_rows
 from graphopt.passes._util import ConvGeometry, conv_geometry, conv_out_size
 from graphopt.passes._gptq import DAMP, FoldedHessian, gptq, gptq_h, plain_roundings, select
 from graphopt.passes._qmath import QTYPES, QType, QuantizedWeight
@@ -219,9 +220,8 @@ def _bytes_per_row(model: ir.Model, names: list[str], sample: dict) -> dict[str,
     """Bytes per batch row of each named value, from one probe run on ``sample`` (one row of it
     where the batch dim is dynamic): exported models rarely carry intermediate shapes, and onnx's
     inference often leaves spatial dims unknown."""
-    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
-    probe = {k: v[:1] for k, v in sample.items()} if dynamic else dict(sample)
-    return {name: a[0].nbytes / max(_rows(probe), 1) for name, a in capture(model, [probe], names).items()}
+    probe = {k: v[:1] for k, v in sample.items()} if dynamic_batch(model) else dict(sample)
+    return {name: a[0].nbytes / _rows(probe) for name, a in capture(model, [probe], names).items()}
 
 
 def _capture_groups(names: list[str], per_row: dict[str, float], rows: int) -> list[list[str]]:
@@ -240,7 +240,7 @@ def _capture_groups(names: list[str], per_row: dict[str, float], rows: int) -> l
 
 
 def _rows(sample: dict) -> int:
-    return max((np.shape(v)[0] for v in sample.values() if np.ndim(v)), default=1)
+    return sample_rows(sample) or 1
 
 
 def static_gptq_weights(model: ir.Model, layers: Sequence, samples: Sequence, per_channel: bool) -> dict[tuple[int, int | None], QuantizedWeight]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.data import Sample, batch_rows
+from graphopt.data import Sample, batch_rows, dynamic_batch, sample_rows
 from graphopt.errors import UsageError
 from graphopt.layers import as_linear_layer
 from graphopt.metrics import OutputError, Tolerance, compare_outputs, task_accuracy, worst
@@ -292,12 +292,11 @@ def search_rows(samples: Sequence[Sample], rows: int, model: ir.Model) -> list[S
     samples are one image each, and a cap of 2 samples let the static search choose light_resnet50's
     float layers from 2 images — 21.8 dB on them, 14.8 dB on 2 others; from all 4: 21.2 and 20.4 dB.
     """
-    dynamic = all(v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in model.graph.inputs)
+    dynamic = dynamic_batch(model)
     out: list[Sample] = []
     left = rows
     for s in samples:
-        firsts = {np.shape(v)[0] if np.ndim(v) else None for v in s.values()}
-        n = firsts.pop() if len(firsts) == 1 and None not in firsts else None
+        n = sample_rows(s)
         if n is not None and dynamic:
             s, n = {k: v[:left] for k, v in s.items()}, min(n, left)
         n = 1 if n is None else n
