@@ -172,19 +172,18 @@ class QuantizeWeights(GraphPass):
         fallback = self._fallback()
         for k, layer in enumerate(candidates):
             quantizer = self
-            why = self._why_not_4bit(layer) if k not in keep else ""
-            narrow = bool(why)
-            if k in keep or narrow:
+            why = self._why_not_4bit(layer) if k not in keep else ""  # set: the layer takes the fallback whatever the search says
+            if k in keep or why:
                 if fallback is None or layer.kind == "gather":
                     w = layer.tensor
                     layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"}
-                                  | ({"reason": why} if narrow else {}))
-                    stats[_not_4bit_stat(layer) if narrow else "kept_float_sensitivity"] += 1
+                                  | ({"reason": why} if why else {}))
+                    stats[_not_4bit_stat(layer) if why else "kept_float_sensitivity"] += 1
                     continue
                 quantizer = fallback
-                stats[f"{_not_4bit_stat(layer)}_{fallback.bits}bit" if narrow else f"kept_{fallback.bits}bit_sensitivity"] += 1
+                stats[f"{_not_4bit_stat(layer)}_{fallback.bits}bit" if why else f"kept_{fallback.bits}bit_sensitivity"] += 1
             record = quantizer._quantize(layer, names, per_tensor, activations.get(layer.node.inputs[0].name if layer.kind != "matmul-left" else ""), made, means)
-            if narrow:
+            if why:
                 record["reason"] = f"{why}: {quantizer.bits} bits"
             stats[record["choice"]] += 1
             if "bias_correction" in record:
@@ -489,13 +488,9 @@ def _other_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elem
             continue
         kind = OTHER_KINDS[op]
         for index in (1, 2) if kind == "recurrent" else (1,):
-            w = node.inputs[index] if len(node.inputs) > index else None
-            table = constant_array(w) if w is not None else None
-            if table is None or table.dtype != np.float32 or table.ndim < 3 or (kind == "recurrent" and table.ndim != 3) or table.size < min_elements:
-                continue
-            if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
-                continue
-            out.append(LinearLayer(node, kind, index))
+            w = _own_float_weight(node, index, exclude, min_elements)
+            if w is not None and (w.ndim == 3 if kind == "recurrent" else w.ndim >= 3):
+                out.append(LinearLayer(node, kind, index))
     return out
 
 
@@ -505,10 +500,19 @@ def _gather_tables(model: ir.Model, exclude: list[str], min_elements: int) -> li
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if not is_onnx_op(node, "Gather") or node.attributes.get_int("axis", 0) != 0:
             continue
-        table = constant_array(node.inputs[0])
-        if table is None or table.dtype != np.float32 or table.ndim != 2 or table.size < min_elements:
-            continue
-        if matches(node, exclude, node.inputs[0]) or len(node.inputs[0].uses()) != 1 or node.inputs[0].is_graph_output():
-            continue
-        out.append(LinearLayer(node, "gather", 0))
+        table = _own_float_weight(node, 0, exclude, min_elements)
+        if table is not None and table.ndim == 2:
+            out.append(LinearLayer(node, "gather", 0))
     return out
+
+
+def _own_float_weight(node: ir.Node, index: int, exclude: list[str], min_elements: int) -> np.ndarray | None:
+    """Input ``index`` of ``node`` when it is a float32 constant of at least ``min_elements`` that
+    this pass may rewrite: read by ``node`` alone, not a graph output, not excluded."""
+    w = node.inputs[index] if len(node.inputs) > index else None
+    array = constant_array(w) if w is not None else None
+    if array is None or array.dtype != np.float32 or array.size < min_elements:
+        return None
+    if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
+        return None
+    return array
