@@ -8,7 +8,10 @@ of a constant shape, and the static part of ``Shape`` (Shape→Gather/Slice→Un
 What is never folded: Q/DQ (quantization must stay visible), random ops, control flow, other domains,
 and folds that grow the file past the caps: ConstantOfShape alone (a compact constant), results over
 ``max_output_elements`` and nodes reading a constant over ``max_input_elements``, unless the result
-is no bigger than the constants it frees (a single-use weight behind Transpose/Reshape/Cast).
+is no bigger than the constants it frees (a single-use weight behind Transpose/Reshape/Cast). A constant
+read only by data movement (Slice, Gather, Split...) is freed once all its readers fold: each reader is
+credited its share of the bytes, so a weight cut in pieces (torch's LSTM export slices one weight four
+ways and concatenates the gates in ONNX's order) folds when the pieces together are no bigger.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
         return const_array(v, legacy)
 
     shapes = ShapeValues(array_of, graph)
+    shared = _SharedConstants(model, array_of, legacy)
     seen: dict[tuple, ir.Value] = {}
     opset = onnx_opset(model)
     for node in list(graph):
@@ -117,7 +121,7 @@ def _fold_graph(p: FoldConstants, model: ir.Model, graph: ir.Graph, names: NameS
                 node.replace_input_with(1, new_constant(graph, target, (old.name if old is not None else None) or "shape", names, as_node=legacy, before=node))
                 stats["reshape_shape"] += 1
             _reuse_shape(node, shapes, seen, opset, names, stats)
-        result = _try_node(p, model, node, array_of, shapes, virtual, legacy, stats)
+        result = _try_node(p, model, node, array_of, shapes, virtual, shared, stats)
         if result is None:
             continue
         for out, folded_value in zip(node.outputs, result):
@@ -212,14 +216,14 @@ def _reuse_shape(node: ir.Node, shapes: ShapeValues, seen: dict[tuple, ir.Value]
     stats["shape_rewritten"] += 1
 
 
-def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, stats) -> list[_Folded] | None:
+def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, shared: _SharedConstants, stats) -> list[_Folded] | None:
     if node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
     if op in NEVER:
         return None
     if op == "Constant":
-        if not p.lift or legacy:  # IR<4: new constants are Constant nodes too, nothing to lift
+        if not p.lift or shared.legacy:  # IR<4: new constants are Constant nodes too, nothing to lift
             return None
         try:
             tensor = ir.convenience.get_const_tensor(node.outputs[0])
@@ -249,7 +253,9 @@ def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, st
         return None
     # bytes no longer stored once this node folds: single-use real constants and stored-to-be results, not fills
     freed = sum(
-        a.nbytes for v, a in zip(node.inputs, inputs) if v is not None and a is not None and _single_use(v, node) and not (v in virtual and virtual[v].fill)
+        a.nbytes if _single_use(v, node) else shared.credit(v, node)
+        for v, a in zip(node.inputs, inputs)
+        if v is not None and a is not None and not (v in virtual and virtual[v].fill)
     )
     big_input = max((a.size for a in inputs if a is not None), default=0) > p.max_input_elements
     if big_input and op in HEAVY:
@@ -260,7 +266,7 @@ def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, st
         if int(np.prod(shape)) > p.max_output_elements:
             stats["output_too_large"] += 1
             return None
-    outs = _evaluate(model, node, inputs)
+    outs = shared.outputs.pop(node, None) or _evaluate(model, node, inputs)
     if outs is None:
         stats["eval_failed"] += 1
         return None
@@ -271,6 +277,45 @@ def _try_node(p, model, node, array_of, shapes: ShapeValues, virtual, legacy, st
     fill = op == "ConstantOfShape" or (op in FILL_KEEPING and node.inputs[0] in virtual and virtual[node.inputs[0]].fill)
     from_shape = any(v in virtual and virtual[v].from_shape for v in node.inputs if v is not None)
     return [_Folded(o, fill=fill, from_shape=from_shape) for o in outs]
+
+
+class _SharedConstants:
+    """Which share of a shared constant each of its readers frees: all readers move data (no arithmetic,
+    no subgraph), read only constants, live in the constant's graph and are not graph outputs, so all of
+    them fold together and the constant goes; each is credited the part of its bytes proportional to its
+    own result. The readers are evaluated once here, and their results handed to the fold itself."""
+
+    def __init__(self, model: ir.Model, array_of, legacy: bool) -> None:
+        self.model, self.array_of, self.legacy = model, array_of, legacy
+        self.outputs: dict[ir.Node, list[np.ndarray]] = {}
+        self._credits: dict[ir.Value, dict[ir.Node, int]] = {}
+
+    def credit(self, v: ir.Value, node: ir.Node) -> int:
+        if v not in self._credits:
+            self._credits[v] = self._share(v)
+        return self._credits[v].get(node, 0)
+
+    def _share(self, v: ir.Value) -> dict[ir.Node, int]:
+        readers = {u.node for u in v.uses()}
+        if v.is_graph_output() or v.is_graph_input() or not all(self._movable(r, v.graph) for r in readers):
+            return {}
+        results = {r: _evaluate(self.model, r, [None if i is None else self.array_of(i) for i in r.inputs]) for r in readers}
+        if any(outs is None for outs in results.values()):
+            return {}
+        self.outputs.update(results)  # type: ignore[arg-type]
+        sizes = {r: sum(o.nbytes for o in outs) for r, outs in results.items()}  # type: ignore[union-attr]
+        total = self.array_of(v).nbytes  # type: ignore[union-attr]
+        return {r: total * size // max(sum(sizes.values()), 1) for r, size in sizes.items()}
+
+    def _movable(self, node: ir.Node, graph: ir.Graph | None) -> bool:
+        return (
+            node.graph is graph
+            and node.domain in ("", "ai.onnx")
+            and node.op_type in MOVES
+            and not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+            and all(i is None or (_exchangeable(i) and self.array_of(i) is not None) for i in node.inputs)
+            and all(_exchangeable(o) and not o.is_graph_output() for o in node.outputs)
+        )
 
 
 def _half_arithmetic(node: ir.Node, inputs: list[np.ndarray | None]) -> bool:

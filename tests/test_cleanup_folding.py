@@ -308,3 +308,20 @@ def test_fold_batchnorm_leaves_malformed_parameters_alone() -> None:
     model = ir.from_proto(onnx.parser.parse_model(text))  # invalid on purpose: no checker here
     result = FoldBatchnorm()(model)
     assert not result.modified and result.stats.get("shape_mismatch") == 1
+
+
+@pytest.mark.parametrize(("ends", "folds"), [((25, 50, 75, 100), True), ((75, 100, 100, 100), False)])
+def test_weight_sliced_several_ways_folds_when_the_pieces_are_no_bigger(ends: tuple[int, ...], folds: bool) -> None:
+    """torch's LSTM export: one big weight, four Slices, a Concat in another gate order. Folding them all
+    frees the weight (pieces of a partition: folded); overlapping pieces would store more (left alone)."""
+    values = ", ".join(str(i % 7) for i in range(100 * 100))
+    starts = (0, 25, 50, 75) if folds else (0, 0, 25, 50)
+    slices = "  ".join(
+        f"s{k} = Constant<value=int64[1] {{{b}}}>()  e{k} = Constant<value=int64[1] {{{e}}}>()  p{k} = Slice(w, s{k}, e{k})" for k, (b, e) in enumerate(zip(starts, ends))
+    )
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,100] x) => (float[2,{ends[0] + sum(e - b for b, e in zip(starts[1:], ends[1:]))}] y) <float[100,100] w = {{{values}}}> {{
+        {slices}  wt = Concat<axis=0>(p0, p3, p2, p1)  tt = Transpose<perm=[1,0]>(wt)  y = MatMul(x, tt) }}"""
+    model, stats = run_pass(text, FoldConstants())
+    assert ("Slice" not in ops(model)) == folds and ("Concat" not in ops(model)) == folds, stats
+    assert sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT) == 100 * 100  # never grows
