@@ -23,6 +23,11 @@ What stays float, and why (each layer's record says which):
   calibration data, each node is quantized alone and ranked by what that costs the output, and the
   fewest most harmful ones are kept in float by bisection (``_qsearch.keep_float_search``). So the
   default delivers the most-quantized model that meets the budget rather than a rollback.
+
+ConvTranspose and LSTM/GRU/RNN have no integer kernel in onnxruntime's CPU provider (a QDQ
+ConvTranspose stays DQ -> float ConvTranspose -> Q after its optimizer): their activations are left
+alone and their constant weights get int8 weight-only (``weight-only``, what quantize-weights does
+with them at 8 bits), so the file shrinks where the speed can't change.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, keep_float_search, 
 from graphopt.passes._qstatic import COMPUTE, TRANSPARENT, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
 from graphopt.registry import register
 from graphopt.passes._qconv import static_gptq_weights
+from graphopt.passes.quantize_weights import OTHER_KINDS, quantize_weight_only
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ class QuantizeStatic(GraphPass):
     rounding: Literal["nearest", "gptq"] = option("nearest", "int8 weights: round to nearest, or GPTQ (error feedback on the calibration data; Conv per group on im2col rows, MatMul, Gemm)")
     latency_aware: bool = option(False, "time each layer in float and int8 with onnxruntime here; keep in float where int8 is not faster")
     bias_correction: bool = option(True, "subtract each int8 Conv/Gemm/MatMul's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
+    weight_only: list[str] = option(list(OTHER_KINDS), "ops without an int8 kernel whose constant weights get int8 weight-only scales (per output channel / gate row)")
 
     def call(self, model: ir.Model) -> PassResult:
         if is_quantized(model):
@@ -131,6 +138,12 @@ class QuantizeStatic(GraphPass):
             stats["skipped_ort_opset"] += len(plan.compute)
             stats["ort_qdq_max_opset"] = best
             return self._result(model, stats, [])
+        # first, so that calibration, the search and bias correction see these weights as they will be
+        weight_only = quantize_weight_only(model, [op for op in self.weight_only if op in OTHER_KINDS], self.exclude, per_channel, self.name, Counter())
+        if weight_only:
+            stats["weight_only"] = len(weight_only)
+            floats = float_tensors(model)
+            plan = make_plan(model, self.ops, self.exclude, set(), floats)  # node positions moved
         ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
@@ -167,7 +180,7 @@ class QuantizeStatic(GraphPass):
         stats["quantized_nodes"] = len(final.compute)
         stats["qdq_pairs"] = len(final.tensors)
         stats["relu_absorbed"] = len(final.absorbed)
-        return self._result(model, stats, [layers[i] for i in sorted(layers)])
+        return self._result(model, stats, [layers[i] for i in sorted(layers)] + [r | {"choice": "int8 weight-only"} for r in weight_only])
 
     def _bias_means(self, model: ir.Model, plan: Plan, samples: list) -> dict[int, np.ndarray]:
         """Per weighted compute node (index), its ``_biascorr.input_means`` entry on the float model."""
@@ -237,7 +250,7 @@ class QuantizeStatic(GraphPass):
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
-        modified = any(clean.get(k) for k in ("quantized_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
+        modified = any(clean.get(k) for k in ("quantized_nodes", "weight_only", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
 

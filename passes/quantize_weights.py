@@ -475,6 +475,15 @@ one scale per gate row, axis 1, at 8 bits; blocks along axis 2 at 4) and ConvTra
 (``[Cin, Cout/group, *kernel]``: one scale per output channel, axis 1; 8 bits also at bits=4)."""
 
 
+def quantize_weight_only(model: ir.Model, ops: list[str], exclude: list[str], per_channel: bool, tag: str, stats: Counter[str]) -> list[dict[str, Any]]:
+    """The float weights of the :data:`OTHER_KINDS` ops in ``ops`` to int8, round to nearest, as this
+    pass does them at bits=8: for a pass that leaves these ops in float between its Q/DQ pairs."""
+    quantizer = QuantizeWeights(ops=list(ops), exclude=list(exclude), search=False, cheap_float_share=0.0, bias_correction=False)
+    quantizer.name = tag  # the nodes made are tagged with the pass that asked for them
+    layers = [layer for layer in _other_weights(model, ops, exclude, quantizer.min_elements) if quantizer._saves_bytes(layer)]
+    return quantizer._quantize_all(model, layers, set(), not per_channel, {}, stats)
+
+
 def _not_4bit_stat(layer: LinearLayer) -> str:
     return "small_fan_in" if layer.kind == "conv" else layer.kind
 

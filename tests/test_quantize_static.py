@@ -224,3 +224,49 @@ def test_clip_with_bounds_around_zero_is_absorbed(lo: float, hi: float, absorbed
     assert ("Clip" not in [n.op_type for n in model.graph]) is absorbed
     assert result.stats.get("relu_absorbed", 0) == (1 if absorbed else 0)
     assert compare_outputs(reference, outputs(model, data, "deploy"))[0].sqnr_db > 25
+
+
+def _decoder_model() -> ir.Model:
+    """Conv -> ConvTranspose (upsampling) -> Concat with the skip -> Conv, and an LSTM over the rows: ops
+    with (Conv) and without (ConvTranspose, LSTM) an int8 kernel in onnxruntime's CPU provider."""
+    rng = np.random.default_rng(5)
+    h, T = onnx.helper, onnx.TensorProto
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["a"], name="down", strides=[2, 2], pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["a"], ["r"]),
+        h.make_node("ConvTranspose", ["r", "wt"], ["u"], name="up", strides=[2, 2]),
+        h.make_node("Concat", ["u", "x"], ["c"], axis=1),
+        h.make_node("Conv", ["c", "w2"], ["y"], name="head", pads=[1, 1, 1, 1]),
+        h.make_node("Reshape", ["y", "shape"], ["seq"]),
+        h.make_node("LSTM", ["seq", "W", "R"], ["z"], name="rnn", hidden_size=16),
+    ]
+    inits = [weight("w1", 16, 8, 3, 3), weight("wt", 16, 8, 2, 2), weight("w2", 8, 16, 3, 3), weight("W", 1, 64, 64), weight("R", 1, 64, 16),
+             onnx.numpy_helper.from_array(np.array([-1, 1, 64], np.int64), "shape")]  # fmt: skip
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 8, 8, 8])], [h.make_tensor_value_info("z", T.FLOAT, [8, 1, 1, 16])], inits)
+    return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_ops_without_int8_kernels_get_weight_only_int8() -> None:
+    """The ConvTranspose weight (per output channel: axis 1) and LSTM W/R (per gate row) become int8
+    through DequantizeLinear; the convs still fuse into QLinearConv; ``weight-only=[]`` keeps them float."""
+    data = [{"x": np.random.default_rng(k).standard_normal((1, 8, 8, 8)).astype(np.float32)} for k in range(8)]
+    model = _decoder_model()
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.stats["weight_only"] == 3, result.stats
+    assert sorted(r["op"] for r in result.layers if r["choice"] == "int8 weight-only") == ["ConvTranspose", "LSTM", "LSTM"]
+    assert_valid(model)
+    nodes = {n.name: n for n in model.graph}
+    up, rnn = nodes["up"].inputs[1].producer(), nodes["rnn"].inputs[1].producer()
+    assert up.op_type == "DequantizeLinear" and up.attributes.get_int("axis") == 1 and constant_array(up.inputs[0]).dtype == np.int8
+    assert rnn.op_type == "DequantizeLinear" and constant_array(rnn.inputs[0]).dtype == np.int8
+    assert collections.Counter(_optimized_ops(model))["QLinearConv"] == 2
+    for level in ("exact", "deploy"):
+        assert _sqnr(model, data, reference, level) >= 25.0
+    kept = _decoder_model()
+    assert "weight_only" not in _run(QuantizeStatic(weight_only=[]), kept, data).stats
+    assert all(n.inputs[1].const_value is not None for n in kept.graph if n.op_type in ("ConvTranspose", "LSTM"))
