@@ -12,6 +12,12 @@ onnxruntime fuses.
   ``Gather(Tq, ids) -> Cast(float) -> Mul(., Gather(Ts[V, 1], ids))`` with one int8 scale per row,
   so only the gathered rows are converted at run time (``DequantizeLinear -> Gather`` would
   convert the whole table on every run).
+- ``LSTM(X, W, R, ...)`` with constant float W and R becomes com.microsoft ``DynamicQuantizeLSTM``
+  (what onnxruntime's quantize_dynamic makes): W and R int8 symmetric, stored transposed
+  (``[directions, K, 4 x hidden]``, the kernel's layout), one scale per gate row
+  (``[directions, 4 x hidden]``) or per direction; the kernel quantizes X and the hidden state to
+  uint8 at each step. Measured here (2 cores, AVX512-VNNI): 2.2x faster than the float LSTM at
+  hidden 256, 34 dB. ``layout=1`` LSTMs are left alone (the kernel has no batch-first form).
 
 The plan is a list of node indices in the main graph, stable across ``ir.Model.clone``, so the
 sensitivity search rebuilds variants on clones and the final choice on the model itself.
@@ -42,12 +48,13 @@ MIN_OPSET = 11
 @dataclasses.dataclass
 class Candidate:
     index: int  # node index in the main graph
-    kind: str  # matmul | gemm | gather
+    kind: str  # matmul | gemm | gather | lstm
     name: str
     shape: tuple[int, ...]
-    qw: QuantizedWeight  # the weight as stored in the rewrite: [K, N] for matmul/gemm, the table for gather
+    qw: QuantizedWeight  # the weight as stored in the rewrite: [K, N] for matmul/gemm, the table for gather, W as [directions x 4H, K] (or [directions, 4H x K]) for lstm
     alpha: float = 1.0  # Gemm's alpha, folded into the scale
     weight_sqnr_db: float = 0.0
+    recurrent: QuantizedWeight | None = None  # lstm: R, as W
 
 
 def find_candidates(model: ir.Model, ops: Sequence[str], exclude: Sequence[str], min_elements: int, per_channel: bool) -> tuple[list[Candidate], dict[str, int]]:
@@ -74,6 +81,13 @@ def find_candidates(model: ir.Model, ops: Sequence[str], exclude: Sequence[str],
             else:
                 qw = quantize_weight(table, INT8, axis=0, symmetric=True)
                 out.append(_candidate(index, "gather", node, table, qw))
+            continue
+        if is_onnx_op(node, "LSTM") and "LSTM" in ops:
+            why = _lstm_refusal(node, exclude, min_elements)
+            if why:
+                skip(why)
+            else:
+                out.append(_lstm_candidate(index, node, per_channel))
             continue
         if not is_onnx_op(node, ("MatMul", "Gemm")) or node.op_type not in ops:
             continue
@@ -112,6 +126,32 @@ def _candidate(index: int, kind: str, node: ir.Node, w: np.ndarray, qw: Quantize
     return Candidate(index, kind, name, tuple(int(d) for d in w.shape), qw, alpha, round(min(sqnr_db(w, qw.dequantized()), 300.0), 2))
 
 
+def _lstm_refusal(node: ir.Node, exclude: Sequence[str], min_elements: int) -> str:
+    """Why this LSTM can't become a DynamicQuantizeLSTM here, or ""."""
+    weights = [node.inputs[i] if len(node.inputs) > i else None for i in (1, 2)]
+    arrays = [constant_array(v) if v is not None else None for v in weights]
+    if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):
+        return "lstm_weights_not_constant_float"
+    if node.attributes.get_int("layout", 0) != 0:
+        return "lstm_layout_batch_first"
+    if any(len(v.uses()) != 1 or v.is_graph_output() for v in weights):  # type: ignore[union-attr]
+        return "shared_weight"
+    if any(matches(node, exclude, v) for v in weights):
+        return "excluded"
+    if sum(a.size for a in arrays) < min_elements:  # type: ignore[union-attr]
+        return "too_small"
+    return ""
+
+
+def _lstm_candidate(index: int, node: ir.Node, per_channel: bool) -> Candidate:
+    """W and R rounded with one scale per gate row (``[directions x 4H, K]`` rows), or per direction."""
+    w, r = (constant_array(v) for v in node.inputs[1:3])
+    rows = [a.reshape(a.shape[0] * a.shape[1], -1) if per_channel else a.reshape(a.shape[0], -1) for a in (w, r)]  # type: ignore[union-attr]
+    qw, qr = (quantize_weight(a, INT8, axis=0, symmetric=True) for a in rows)
+    sqnr = min(sqnr_db(a, q.dequantized()) for a, q in zip(rows, (qw, qr)))
+    return Candidate(index, "lstm", node.name or node.outputs[0].name or "LSTM", tuple(int(d) for d in w.shape), qw, 1.0, round(min(sqnr, 300.0), 2), qr)  # type: ignore[union-attr]
+
+
 def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str, bias_means: dict[int, np.ndarray] | None = None, notes: dict[int, dict] | None = None) -> dict[str, int]:
     """Rewrite the chosen candidates of ``model`` (the model they were found in, or a clone of it).
     ``bias_means`` (candidate index -> ``_biascorr.input_means`` entry): correct those layers' bias
@@ -121,12 +161,16 @@ def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str, bias_means: di
     names = NameSet(model)
     dql: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     weights: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(original weight value) -> (Wq, Ws): shared weights stay shared
-    stats = {"dynamic_matmuls": 0, "gather_weight_only": 0, "bias_add_swapped": 0}
+    stats = {"dynamic_matmuls": 0, "dynamic_lstms": 0, "gather_weight_only": 0, "bias_add_swapped": 0}
     for c in chosen:
         node = nodes[c.index]
         if c.kind == "gather":
             _rewrite_gather(graph, node, c, names, tag)
             stats["gather_weight_only"] += 1
+            continue
+        if c.kind == "lstm":
+            _rewrite_lstm(graph, node, c, names, tag)
+            stats["dynamic_lstms"] += 1
             continue
         if bias_means is not None and (layer := as_linear_layer(node)) is not None:
             note = correct_bias(layer, layer.tensor.numpy(), layer.from_matrix(c.qw.dequantized()), bias_means.get(c.index), names)
@@ -201,6 +245,39 @@ def _rewrite_gather(graph: ir.Graph, node: ir.Node, c: Candidate, names: NameSet
     _take_over(out, y)
     graph.remove(node, safe=True)
     drop_if_unused(table)
+
+
+def _rewrite_lstm(graph: ir.Graph, node: ir.Node, c: Candidate, names: NameSet, tag: str) -> None:
+    """LSTM -> com.microsoft DynamicQuantizeLSTM: same inputs and attributes, W/R int8 transposed to
+    ``[directions, K, 4H]`` with their scales and (zero) zero points as inputs 8-11."""
+    assert c.recurrent is not None
+    extra: list[ir.Value] = []
+    for value, qw in zip(node.inputs[1:3], (c.qw, c.recurrent)):
+        assert value is not None
+        directions, rows, k = value.shape[0], value.shape[1], value.shape[2]  # type: ignore[index]
+        base = value.name or "w"
+        q = np.ascontiguousarray(qw.q.reshape(directions, rows, k).transpose(0, 2, 1))
+        scale = np.asarray(qw.scale, np.float32).reshape(directions, -1) if qw.scale.size > directions else np.asarray(qw.scale, np.float32).reshape(directions)
+        extra.append(add_initializer(graph, ir.Tensor(q, dtype=INT8.dtype), base + "_q", names))
+        extra.append(add_initializer(graph, scale, base + "_s", names))
+        extra.append(add_initializer(graph, ir.Tensor(np.zeros(scale.shape, np.int8), dtype=INT8.dtype), base + "_zp", names))
+    inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+    inputs[1], inputs[2] = extra[0], extra[3]
+    inputs += [extra[1], extra[2], extra[4], extra[5]]
+    attributes = [a for a in node.attributes.values() if a.name != "layout"]
+    outputs = [ir.Value(name=names.fresh((o.name or "y") + "_q")) if o.name else ir.Value(name="") for o in node.outputs]
+    new = ir.Node("com.microsoft", "DynamicQuantizeLSTM", inputs, attributes=attributes, outputs=outputs, name=names.fresh((node.name or "lstm") + "_quant"))
+    new.metadata_props[TAG] = tag
+    graph.insert_after(node, new)
+    if "com.microsoft" not in graph.opset_imports:
+        graph.opset_imports["com.microsoft"] = 1
+    old = [v for v in node.inputs if v is not None]
+    for o, n in zip(node.outputs, new.outputs):
+        if o.name:
+            _take_over(o, n)
+    graph.remove(node, safe=True)
+    for v in old:
+        drop_if_unused(v)
 
 
 def _take_over(old: ir.Value, new: ir.Value) -> None:

@@ -42,6 +42,7 @@ QUANTIZED_OPS = {
     "MatMulNBits",
     "MatMulIntegerToFloat",
     "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM",
     "GatherBlockQuantized",
 }
 """Ops whose presence means someone already quantized the model: the quantize passes leave it alone."""

@@ -1,5 +1,6 @@
 """quantize-dynamic: int8 weights with activations quantized at run time, in the layout onnxruntime
-fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat (see ``_qdynamic`` for the rewrites).
+fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat, and LSTMs as DynamicQuantizeLSTM (see
+``_qdynamic`` for the rewrites).
 
 Where it differs from onnxruntime.quantization.quantize_dynamic: weight scales per output column
 (ORT's tool defaults to one per tensor); embedding tables stay weight-only with one scale per row,
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 @register
 @dataclasses.dataclass
 class QuantizeDynamic(GraphPass):
-    """Quantize MatMul/Gemm to int8 with activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger), keeping the most sensitive ones in float.
+    """Quantize MatMul/Gemm (and LSTM) to int8 with activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger; DynamicQuantizeLSTM), keeping the most sensitive ones in float.
 
     Default budget: SQNR >= 20 dB and cosine >= 0.99 at ORT's default level (where the chains run
     as DynamicQuantizeMatMul / MatMulIntegerToFloat). A model that already holds Q/DQ or quantized
@@ -49,7 +50,7 @@ class QuantizeDynamic(GraphPass):
     tolerance = Tolerance(min_sqnr_db=20.0, min_cosine=0.99)
 
     per_channel: bool = option(True, "one weight scale per output column instead of one per tensor")
-    ops: list[str] = option(["MatMul", "Gemm", "Gather"], "op types rewritten (Gather: embedding tables, int8 weight-only)")
+    ops: list[str] = option(["MatMul", "Gemm", "Gather", "LSTM"], "op types rewritten (Gather: embedding tables, int8 weight-only; LSTM: com.microsoft DynamicQuantizeLSTM)")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) kept in float")
     min_elements: int = option(4096, "leave weights with fewer elements in float (run-time quantization costs more than it saves there)")
     search: bool = option(True, "keep the most harmful MatMuls in float until the calibration outputs meet the budget plus the margin")
@@ -136,12 +137,15 @@ class QuantizeDynamic(GraphPass):
 
     def _record(self, c: Candidate) -> dict[str, Any]:
         choice = "int8 weight-only" if c.kind == "gather" else "int8 dynamic"
-        scales = "per-row" if c.kind == "gather" else ("per-channel" if c.qw.scale.ndim else "per-tensor")
-        return {"name": c.name, "op": {"gather": "Gather", "gemm": "Gemm"}.get(c.kind, "MatMul"), "shape": list(c.shape), "scales": scales,
+        if c.kind == "lstm":
+            scales = "per-gate-row" if c.qw.scale.size > c.shape[0] else "per-direction"
+        else:
+            scales = "per-row" if c.kind == "gather" else ("per-channel" if c.qw.scale.ndim else "per-tensor")
+        return {"name": c.name, "op": {"gather": "Gather", "gemm": "Gemm", "lstm": "LSTM"}.get(c.kind, "MatMul"), "shape": list(c.shape), "scales": scales,
                 "weight_sqnr_db": c.weight_sqnr_db, "choice": choice}  # fmt: skip
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
-        modified = any(clean.get(k) for k in ("dynamic_matmuls", "gather_weight_only", "folded_transpose", "opset_upgraded_to"))
+        modified = any(clean.get(k) for k in ("dynamic_matmuls", "dynamic_lstms", "gather_weight_only", "folded_transpose", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)

@@ -226,3 +226,68 @@ def test_convolutions_are_left_alone() -> None:
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     out, result = _run(model, feeds(model))
     assert not result.modified and _ops(out) == ["Conv"]
+
+
+def _lstm(direction: str = "forward", layout: int = 0, hidden: int = 48) -> ir.Model:
+    """x -> LSTM(constant W, R, B; Y and Y_h used, Y_c not) -> MatMul head on Y_h."""
+    h, T = onnx.helper, onnx.TensorProto
+    d = 2 if direction == "bidirectional" else 1
+    seq, batch, k = 6, 3, 32
+    w = (RNG.standard_normal((d, 4 * hidden, k)) / np.sqrt(k)).astype(np.float32)
+    r = (RNG.standard_normal((d, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    r[:, :hidden] *= 4.0  # the input gate's rows 4x wider than the others: per-row scales pay
+    b = (RNG.standard_normal((d, 8 * hidden)) / 4).astype(np.float32)
+    head = (RNG.standard_normal((hidden, 10)) / np.sqrt(hidden)).astype(np.float32)
+    x_shape, y_shape = ([batch, seq, k], [batch, seq, d, hidden]) if layout else ([seq, batch, k], [seq, d, batch, hidden])
+    nodes = [h.make_node("LSTM", ["x", "W", "R", "B"], ["y", "yh", ""], name="rnn", hidden_size=hidden, direction=direction, layout=layout),
+             h.make_node("MatMul", ["yh", "head"], ["z"], name="head")]  # fmt: skip
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"), (head, "head"))]
+    hs = [batch, d, hidden] if layout else [d, batch, hidden]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                         [h.make_tensor_value_info("y", T.FLOAT, y_shape), h.make_tensor_value_info("z", T.FLOAT, [*hs[:-1], 10])], inits)  # fmt: skip
+    return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_lstm_becomes_dynamic_quantize_lstm(direction: str, per_channel: bool) -> None:
+    """W/R int8 transposed to [directions, K, 4H], one scale per gate row (or per direction), the
+    other inputs and outputs as they were; ORT runs it at both levels close to float."""
+    model = _lstm(direction)
+    data = feeds(model, samples=4)
+    reference = outputs(model, data)
+    p = QuantizeDynamic(per_channel=per_channel, ops=["LSTM"])
+    p.calibration = Calibration(tuple(data))
+    result = p(model)
+    assert result.stats["dynamic_lstms"] == 1, result.stats
+    assert_valid(model)
+    node = next(n for n in model.graph if n.op_type == "DynamicQuantizeLSTM")
+    d = 2 if direction == "bidirectional" else 1
+    wq, ws, rq, rs = (constant_array(node.inputs[i]) for i in (1, 8, 2, 10))
+    assert wq.dtype == rq.dtype == np.int8 and wq.shape == (d, 32, 192) and rq.shape == (d, 48, 192)
+    assert ws.shape == rs.shape == ((d, 192) if per_channel else (d,))
+    assert node.inputs[3].name == "B" and [o.name for o in node.outputs[:2]] == ["y", "yh"]
+    assert result.layers[0]["scales"] == ("per-gate-row" if per_channel else "per-direction")
+    for level in ("exact", "deploy"):
+        assert min(e.sqnr_db for e in compare_outputs(reference, outputs(model, data, level))) > (35.0 if per_channel else 25.0)
+    assert not p(model).modified
+
+
+def test_lstm_per_gate_row_scales_beat_per_direction() -> None:
+    model, single = _lstm(), _lstm()
+    data = feeds(model, samples=4)
+    reference = outputs(model, data)
+    sqnr = {}
+    for m, per_channel in ((model, True), (single, False)):
+        QuantizeDynamic(per_channel=per_channel, ops=["LSTM"], search=False)(m)
+        sqnr[per_channel] = min(e.sqnr_db for e in compare_outputs(reference, outputs(m, data)))
+    assert sqnr[True] > sqnr[False] + 3.0, sqnr
+
+
+def test_batch_first_and_shared_lstm_weights_are_left_alone() -> None:
+    result = QuantizeDynamic(ops=["LSTM"])(_lstm(layout=1))
+    assert result.stats.get("lstm_layout_batch_first") == 1 and not result.modified
+    shared = _lstm()
+    shared.graph.outputs.append(shared.graph.initializers["R"])
+    result = QuantizeDynamic(ops=["LSTM"])(shared)
+    assert result.stats.get("shared_weight") == 1 and not result.modified
