@@ -30,7 +30,7 @@ from benchmarks.qsize import breakdown
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
-ALL = ["digits_cnn", "digits_mlp_wide", "digits_skl_mlp", "seq_transformer"]
+ALL = ["digits_cnn", "digits_mlp_wide", "digits_skl_mlp", "seq_transformer", "digits_lstm"]
 CALIBRATION_ROWS = {"seq_transformer": 256}
 EVAL_ROWS = {"seq_transformer": 512}
 LATENCY_BATCH = 32

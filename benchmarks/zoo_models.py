@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
-TRAINED = ("digits_skl_mlp", "digits_cnn", "digits_mlp_wide", "seq_transformer")
+TRAINED = ("digits_skl_mlp", "digits_cnn", "digits_mlp_wide", "seq_transformer", "digits_lstm")
 PRETRAINED = ("minilm", "ocr_rec", "ocr_cls", "ocr_det", "effnet_lite0")
 LIGHT = tuple(f"light_{n}" for n in ("squeezenet", "shufflenet", "inception_v1", "densenet121", "inception_v2", "resnet50", "bvlc_alexnet", "zfnet512", "vgg19"))
 DEFAULT = (*TRAINED, *PRETRAINED, "light_squeezenet", "light_shufflenet", "light_resnet50")

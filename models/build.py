@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file: python models/build.py
 
 from . import _common as C
 
-MODELS = ["digits_cnn", "digits_mlp_wide", "digits_skl_mlp", "seq_transformer"]
+MODELS = ["digits_cnn", "digits_mlp_wide", "digits_skl_mlp", "seq_transformer", "digits_lstm"]
 CACHED = ("pretrained", "light")  # built into the git-ignored models/cache/ by their own module
 DEFAULT_MODEL = "digits_cnn"
 
