@@ -391,8 +391,12 @@ TEST_PASSES = textwrap.dedent(
 
 DRIVER = TEST_PASSES + textwrap.dedent(
     """
-    import os, sys
+    import os, signal, sys
     from graphopt import cli
+
+    # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, which python keeps
+    # (a suite launched with `&` would see the driver sleep through the signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if os.environ.get("SLOW_SAVE"):  # stall after the temp files are written, before the renames
         real_save = ir.save
