@@ -1,7 +1,9 @@
 """Graph side of quantization, shared by quantize-weights and quantize-static.
 
 What's here: spotting an already quantized model, folding ``Transpose`` of a constant weight (legacy
-exporters put MatMul weights behind one, which hides them from onnxruntime.quantization), adding
+exporters put MatMul weights behind one, which hides them from onnxruntime.quantization) and other
+constant subgraphs that compute a weight (torch's LSTM export slices and concatenates W, R and B per
+gate), adding
 DequantizeLinear nodes for quantized weights, ``exclude=`` matching, and upgrading a model's opset
 with onnx's version converter, verified with onnxruntime before it is accepted.
 """
@@ -24,6 +26,7 @@ from graphopt.metrics import compare_outputs
 from graphopt.passbase import TAG
 from graphopt.verify import OrtFailure, run
 from graphopt.passes._qmath import QuantizedWeight
+from graphopt.passes.folding import NEVER, FoldConstants
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,44 @@ def fold_transposed_weights(model: ir.Model, names: NameSet, ops: Sequence[str] 
                 drop_if_unused(old)
             folded += 1
     return folded
+
+
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "MatMul": (1, 0), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "Gather": (0,),
+}  # fmt: skip
+"""The inputs of each op that the quantize passes treat as weights when they are constant."""
+
+
+def fold_weight_chains(model: ir.Model, ops: Sequence[str]) -> int:
+    """Fold the constant subgraphs that compute a weight input of ``ops`` (not a constant itself, but
+    computed from constants only) with fold-constants (bit-exact; its size caps apply); returns the
+    number of nodes folded. Without this, a weight behind Slice/Concat/Unsqueeze is invisible to
+    the quantizers, as it is to onnxruntime.quantization."""
+    memo: dict[int, bool] = {}
+    hidden = (
+        v
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain in ("", "ai.onnx") and node.op_type in ops
+        for i in WEIGHT_INPUTS.get(node.op_type, ())
+        if len(node.inputs) > i and (v := node.inputs[i]) is not None and v.producer() is not None and constant_array(v) is None
+    )
+    if not any(_from_constants(v, memo) for v in hidden):
+        return 0
+    return int(FoldConstants().call(model).stats.get("folded", 0))
+
+
+def _from_constants(v: ir.Value, memo: dict[int, bool], depth: int = 0) -> bool:
+    """Is ``v`` computed from constants only, by ops fold-constants evaluates (within 64 producers)?"""
+    if constant_array(v) is not None:
+        return True
+    node = v.producer()
+    if node is None or depth > 64 or node.domain not in ("", "ai.onnx") or node.op_type in NEVER:
+        return False
+    if id(node) not in memo:
+        memo[id(node)] = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()) and all(
+            i is None or _from_constants(i, memo, depth + 1) for i in node.inputs
+        )
+    return memo[id(node)]
 
 
 def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: str, names: NameSet, pass_name: str, *, with_zero_point: bool | None = None) -> ir.Value:

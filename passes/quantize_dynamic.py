@@ -4,7 +4,8 @@ fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat, and LSTMs as DynamicQua
 
 Where it differs from onnxruntime.quantization.quantize_dynamic: weight scales per output column
 (ORT's tool defaults to one per tensor); embedding tables stay weight-only with one scale per row,
-gathered before converting; Transpose'd constant weights (legacy exports) are unfolded first; and a
+gathered before converting; Transpose'd constant weights (legacy exports) are unfolded and constant
+subgraphs computing a weight folded first (torch's LSTM export slices its weights per gate); and a
 sensitivity search on calibration data keeps in float the MatMuls whose run-time activation
 quantization costs the most (one range per whole activation tensor: a transformer's outlier
 channels make some of them lossy) until the outputs meet the pass's budget with a margin.
@@ -28,7 +29,7 @@ from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes._qdynamic import MIN_OPSET, Candidate, apply, find_candidates, ort_runs_dynamic
-from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, upgrade_opset
+from graphopt.passes._qgraph import fold_transposed_weights, fold_weight_chains, is_quantized, upgrade_opset
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, keep_float_search, search_goal, search_rows, note_search
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class QuantizeDynamic(GraphPass):
         stats["skipped_subgraph"] = sum(1 for g in model.graphs() if g is not model.graph for n in g if n.op_type in ("MatMul", "Gemm"))
         samples = list(self.calibration.samples) if self.calibration else None
         names = NameSet(model)
+        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, self.ops)
         stats["folded_transpose"] = fold_transposed_weights(model, names, [op for op in self.ops if op in ("MatMul", "Gemm")])
         candidates, skipped = find_candidates(model, self.ops, self.exclude, self.min_elements, self.per_channel)
         stats.update(skipped)
@@ -146,6 +148,6 @@ class QuantizeDynamic(GraphPass):
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
-        modified = any(clean.get(k) for k in ("dynamic_matmuls", "dynamic_lstms", "gather_weight_only", "folded_transpose", "opset_upgraded_to"))
+        modified = any(clean.get(k) for k in ("dynamic_matmuls", "dynamic_lstms", "gather_weight_only", "folded_weight_chain_nodes", "folded_transpose", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)

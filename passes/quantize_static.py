@@ -2,8 +2,9 @@
 on data, in the layout onnxruntime fuses into QLinearConv / QLinearMatMul / QGemm / QLinearAdd /
 MatMulIntegerToFloat (see ``_qstatic`` for the rules).
 
-Where it differs from onnxruntime.quantization.quantize_static: Conv+BatchNormalization are folded
-and Transpose'd constant weights (legacy exports) unfolded first, so every weight is quantized;
+Where it differs from onnxruntime.quantization.quantize_static: Conv+BatchNormalization are folded,
+Transpose'd constant weights (legacy exports) unfolded and constant subgraphs that compute a weight
+folded first (``_qgraph.fold_weight_chains``), so every weight is quantized;
 graph outputs stay float (the last layer runs as QGemm/MatMulIntegerToFloat with float output);
 activations default to uint8 (on x86 ORT converts int8 Q/DQ pairs to uint8 only when a Q has a
 single reader, so int8 activations that fan out stay unfused); the opset is raised to 13 for
@@ -47,7 +48,7 @@ from graphopt.metrics import Tolerance
 from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.passes._biascorr import input_means, lookup
 from graphopt.passes._calibrate import Method
-from graphopt.passes._qgraph import fold_transposed_weights, is_quantized, ort_qdq_gap, upgrade_opset
+from graphopt.passes._qgraph import fold_transposed_weights, fold_weight_chains, is_quantized, ort_qdq_gap, upgrade_opset
 from graphopt.passes._qmath import QTYPES
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, keep_float_search, output_sqnr, search_goal, search_rows, time_layers, whole_model_ms, note_search
 from graphopt.passes._qstatic import COMPUTE, TRANSPARENT, Plan, apply_plan, collect_ranges, float_tensors, fold_batchnorm, fuse_matmul_add, group_params, make_plan, touching
@@ -101,6 +102,7 @@ class QuantizeStatic(GraphPass):
             samples = generate(model, samples=8, seed=1)
             stats["generated_calibration"] = len(samples)
         names = NameSet(model)
+        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, [*self.ops, *self.weight_only])
         stats["folded_transpose"] = fold_transposed_weights(model, names)
         if self.fold_batchnorm:
             stats["folded_batchnorm"] = fold_batchnorm(model, names)
@@ -250,7 +252,7 @@ class QuantizeStatic(GraphPass):
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
-        modified = any(clean.get(k) for k in ("quantized_nodes", "weight_only", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
+        modified = any(clean.get(k) for k in ("quantized_nodes", "weight_only", "folded_weight_chain_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
 

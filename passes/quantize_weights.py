@@ -14,6 +14,8 @@ Layouts, all in the form onnxruntime fuses:
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
+Weights computed from constants (Transpose of a weight, torch's per-gate Slice/Concat of LSTM
+weights) are folded first, so that they are constants to quantize (``_qgraph.fold_weight_chains``).
 
 When the all-quantized model misses the budget the runner will hold the pass to (plus ``margin``)
 on a few calibration rows at ORT's default level, a sensitivity search (``_qsearch``, shared with
@@ -44,7 +46,7 @@ from graphopt.passbase import GraphPass, PassResult, option
 from graphopt.registry import register
 from graphopt.passes import _biascorr
 from graphopt.passes._gptq import gptq
-from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
+from graphopt.passes._qgraph import add_dequantize, add_node, fold_transposed_weights, fold_weight_chains, is_quantized, matches, ort_qdq_gap, share_initializers, upgrade_opset
 from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, quantize_weight, sqnr_db
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, Search, keep_float_search, search_goal, search_rows, note_search
 from graphopt.passes._gptq import Inputs
@@ -104,6 +106,7 @@ class QuantizeWeights(GraphPass):
         stats: Counter[str] = Counter()
         if is_quantized(model):
             return PassResult(model, modified=False, stats={"already_quantized": 1})
+        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, self.ops + ["Gather"] * self.gather)
         stats["folded_transpose"] = fold_transposed_weights(model, NameSet(model), [op for op in self.ops if op in ("MatMul", "Gemm")])
         candidates = self._candidates(model, stats)
         if self._fallback() is None and all(self._why_not_4bit(c) for c in candidates):  # nothing would change but the opset
@@ -270,7 +273,7 @@ class QuantizeWeights(GraphPass):
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         stats = Counter({k: v for k, v in stats.items() if v})
-        modified = bool(stats["quantized"] or stats["folded_transpose"] or stats["opset_upgraded_to"])
+        modified = bool(stats["quantized"] or stats["folded_weight_chain_nodes"] or stats["folded_transpose"] or stats["opset_upgraded_to"])
         logger.debug("%s: %s", self.name, dict(stats))
         return PassResult(model, modified=modified, stats=dict(stats), layers=layers)
 

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, assert_valid, feeds, outputs
+from conftest import MODELS, assert_valid, feeds, from_text, outputs
 
 from graphopt.edit import constant_array, onnx_opset
 from graphopt.metrics import compare_outputs
@@ -301,8 +301,27 @@ def test_transposed_constant_weight_is_folded_and_quantized() -> None:
     data = feeds(model)
     reference = outputs(model, data)
     result = QuantizeWeights(min_elements=16)(model)
-    assert result.stats["folded_transpose"] == 1 and result.stats["quantized"] == 1
+    assert result.stats["folded_weight_chain_nodes"] == 1 and result.stats["quantized"] == 1
     assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]
+    _check_both_levels(model, data, reference, 35.0)
+
+
+def test_tied_embedding_gets_a_transposed_copy_for_its_matmul() -> None:
+    """A table read by a Gather and, transposed, by an output MatMul (tied embeddings): fold-constants
+    won't store the transpose of a shared table this big, so the MatMul gets its own transposed copy,
+    quantized; the Gather keeps the float table."""
+    h, T = onnx.helper, onnx.TensorProto
+    table = onnx.numpy_helper.from_array(RNG.standard_normal((100, 96)).astype(np.float32), "E")
+    nodes = [h.make_node("Gather", ["E", "ids"], ["emb"]), h.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]), h.make_node("MatMul", ["h", "Et"], ["logits"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("ids", T.INT64, [2, 3]), h.make_tensor_value_info("h", T.FLOAT, [2, 96])],
+                         [h.make_tensor_value_info("emb", T.FLOAT, [2, 3, 96]), h.make_tensor_value_info("logits", T.FLOAT, [2, 100])], [table])  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    data = [{"ids": np.array([[0, 5, 99], [7, 7, 1]], np.int64), "h": RNG.standard_normal((2, 96)).astype(np.float32)}]
+    reference = outputs(model, data)
+    result = QuantizeWeights()(model)
+    assert result.stats["folded_transpose"] == 1 and result.stats["quantized"] == 1 and "folded_weight_chain_nodes" not in result.stats, result.stats
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.inputs[0].const_value is not None and gather.inputs[0].dtype == ir.DataType.FLOAT
     _check_both_levels(model, data, reference, 35.0)
 
 
@@ -372,3 +391,23 @@ def test_int4_gives_depthwise_convs_8_bits() -> None:
         assert compare_outputs(outputs(ir.from_proto(proto), data), outputs(result.model, data, "deploy"))[0].sqnr_db > 15.0
     result = QuantizeWeights(bits=4, min_fan_in=0, search=False)(ir.from_proto(proto))  # the search would keep the ruined depthwise in float
     assert result.stats["quantized"] == 2
+
+
+def test_weight_computed_from_constants_is_folded_then_quantized() -> None:
+    """A MatMul weight made by Concat of two Slices of one initializer (and Cast of a Constant) is
+    folded to a constant first, then quantized; a weight computed from the input is not touched."""
+    w = ",".join(str((i * 7919 % 201 - 100) / 400) for i in range(64 * 48))
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,64] x) => (float[2,48] y, float[2,64] z) <float[64,48] w = {{{w}}}> {{
+        s0 = Constant<value=int64[1] {{0}}>()  s1 = Constant<value=int64[1] {{24}}>()  s2 = Constant<value=int64[1] {{48}}>()  ax = Constant<value=int64[1] {{1}}>()
+        a = Slice(w, s0, s1, ax)  b = Slice(w, s1, s2, ax)  wt = Concat<axis=1>(b, a)  y = MatMul(x, wt)
+        xt = Transpose<perm=[1,0]>(x)  g = MatMul(x, xt)  z = MatMul(g, x) }}"""
+    model = from_text(text)
+    data = feeds(model)
+    reference = outputs(model, data)
+    result = QuantizeWeights(bias_correction=False, search=False)(model)
+    assert result.stats["folded_weight_chain_nodes"] == 3 and result.stats["quantized"] == 1, result.stats
+    assert_valid(model)
+    assert "Slice" not in [n.op_type for n in model.graph] and [n.op_type for n in model.graph].count("MatMul") == 3
+    assert compare_outputs(reference, outputs(model, data))[0].sqnr_db > 35.0
+    assert not QuantizeWeights()(model).modified
