@@ -251,22 +251,29 @@ def _decoder_model() -> ir.Model:
 
 
 def test_ops_without_int8_kernels_get_weight_only_int8() -> None:
-    """The ConvTranspose weight (per output channel: axis 1) and LSTM W/R (per gate row) become int8
-    through DequantizeLinear; the convs still fuse into QLinearConv; ``weight-only=[]`` keeps them float."""
+    """The ConvTranspose weight (per output channel: axis 1) becomes int8 through DequantizeLinear, the
+    LSTM a DynamicQuantizeLSTM (weight-only W/R per gate row with ``dynamic-lstm=false``); the convs
+    still fuse into QLinearConv; ``weight-only=[]`` and ``dynamic-lstm=false`` keep them float."""
     data = [{"x": np.random.default_rng(k).standard_normal((1, 8, 8, 8)).astype(np.float32)} for k in range(8)]
-    model = _decoder_model()
-    reference = outputs(model, data)
-    result = _run(QuantizeStatic(), model, data)
-    assert result.stats["weight_only"] == 3, result.stats
-    assert sorted(r["op"] for r in result.layers if r["choice"] == "int8 weight-only") == ["ConvTranspose", "LSTM", "LSTM"]
-    assert_valid(model)
-    nodes = {n.name: n for n in model.graph}
-    up, rnn = nodes["up"].inputs[1].producer(), nodes["rnn"].inputs[1].producer()
-    assert up.op_type == "DequantizeLinear" and up.attributes.get_int("axis") == 1 and constant_array(up.inputs[0]).dtype == np.int8
-    assert rnn.op_type == "DequantizeLinear" and constant_array(rnn.inputs[0]).dtype == np.int8
-    assert collections.Counter(_optimized_ops(model))["QLinearConv"] == 2
-    for level in ("exact", "deploy"):
-        assert _sqnr(model, data, reference, level) >= 25.0
+    reference = outputs(_decoder_model(), data)
+    for dynamic in (True, False):
+        model = _decoder_model()
+        result = _run(QuantizeStatic(dynamic_lstm=dynamic), model, data)
+        assert result.stats["weight_only"] == (1 if dynamic else 3) and result.stats.get("dynamic_lstms", 0) == int(dynamic), result.stats
+        assert sorted(r["op"] for r in result.layers if r["choice"].startswith("int8 ") and r["op"] != "Conv") == ["ConvTranspose", "LSTM", "LSTM"][: 2 if dynamic else 3]
+        assert_valid(model)
+        nodes = {n.name: n for n in model.graph}
+        up = nodes["up"].inputs[1].producer()
+        assert up.op_type == "DequantizeLinear" and up.attributes.get_int("axis") == 1 and constant_array(up.inputs[0]).dtype == np.int8
+        if dynamic:
+            assert "rnn" not in nodes and [n.op_type for n in model.graph].count("DynamicQuantizeLSTM") == 1
+        else:
+            rnn = nodes["rnn"].inputs[1].producer()
+            assert rnn.op_type == "DequantizeLinear" and constant_array(rnn.inputs[0]).dtype == np.int8
+        assert collections.Counter(_optimized_ops(model))["QLinearConv"] == 2
+        for level in ("exact", "deploy"):
+            assert _sqnr(model, data, reference, level) >= 25.0
     kept = _decoder_model()
-    assert "weight_only" not in _run(QuantizeStatic(weight_only=[]), kept, data).stats
+    stats = _run(QuantizeStatic(weight_only=[], dynamic_lstm=False), kept, data).stats
+    assert "weight_only" not in stats and "dynamic_lstms" not in stats
     assert all(n.inputs[1].const_value is not None for n in kept.graph if n.op_type in ("ConvTranspose", "LSTM"))
