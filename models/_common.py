@@ -341,3 +341,66 @@ def train_classifier(model, x, y, *, epochs: int, batch: int, lr: float, weight_
         if (epoch + 1) % max(1, epochs // 4) == 0 or epoch == epochs - 1:
             print(f"epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}", flush=True)
     model.eval()
+
+
+def build_torch_digits(
+    name: str,
+    model,
+    split: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    batch: int,
+    lr: float,
+    opset: int,
+    expect_ops: dict[str, int],
+    start_time: float,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Train a torch digits classifier, export it (input ``input`` -> ``logits``, dynamic batch), check
+    the op counts in ``expect_ops`` and torch vs ORT, and publish it with ``finish``. ``meta`` holds
+    the model's own description, source, task and notes; the measured and shared fields are added."""
+    import torch
+
+    x_train, x_test, y_train, y_test = split
+    train_classifier(model, torch.from_numpy(x_train), torch.from_numpy(y_train), epochs=epochs, batch=batch, lr=lr)
+    model.eval()
+    with torch.no_grad():
+        torch_acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    print(f"torch eval test accuracy {torch_acc:.4f}")
+    onnx_path = staged(name, ".onnx")
+    model_proto = export_torch(
+        model,
+        (torch.from_numpy(x_test[:2]),),
+        onnx_path,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset=opset,
+    )
+    hist = op_histogram(model_proto)
+    print("op histogram:", hist)
+    assert all(hist.get(op, 0) == n for op, n in expect_ops.items()), hist
+    feeds = {"input": x_test}
+    diff = torch_ort_max_abs_diff(model, onnx_path, feeds, "logits")
+    print(f"max |torch - ORT| on the test split: {diff:.3g}")
+    assert diff < 1e-4, diff
+    return finish(
+        name,
+        test_feeds=feeds,
+        test_labels=y_test,
+        prediction={"output": "logits", "decode": ARGMAX},
+        start_time=start_time,
+        meta={
+            "description": meta["description"],
+            "source": f"sklearn.datasets.load_digits (bundled, offline); 80/20 stratified split, random_state=0; trained from scratch by models/{name}.py",
+            "framework": versions("torch", "onnx", "onnxruntime"),
+            "exporter": EXPORTER_TORCHSCRIPT,
+            "task": meta["task"],
+            "metric": "top-1 accuracy of argmax(logits) on the 360-image test split",
+            "torch_test_accuracy": round(torch_acc, 6),
+            "max_abs_diff_torch_vs_ort": diff,
+            "num_parameters": torch_num_parameters(model),
+            "training": f"AdamW lr {lr} one-cycle, {epochs} epochs, batch {batch}, seed {SEED}, 2 threads",
+            "notes": meta["notes"],
+        },
+    )
