@@ -90,7 +90,7 @@ class QuantizeDynamic(GraphPass):
 
             samples = generate(model, samples=4, seed=1)
             stats["generated_calibration"] = len(samples)
-        records = {c.index: self._record(c) for c in candidates}
+        records = {c.index: self.record(c) for c in candidates}
         means = self._bias_means(model, candidates, samples, stats) if self.bias_correction else None
         keep: set[int] = set()
         if self.search:
@@ -137,7 +137,9 @@ class QuantizeDynamic(GraphPass):
             records[i].update(choice="float", reason="sensitivity")
         return found.keep
 
-    def _record(self, c: Candidate) -> dict[str, Any]:
+    @staticmethod
+    def record(c: Candidate) -> dict[str, Any]:
+        """The layer record of a candidate, as quantized (the search may change its choice)."""
         choice = "int8 weight-only" if c.kind == "gather" else "int8 dynamic"
         if c.kind == "lstm":
             scales = "per-gate-row" if c.qw.scale.size > c.shape[0] else "per-direction"

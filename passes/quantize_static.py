@@ -31,8 +31,11 @@ alone and their constant weights get int8 weight-only (``weight-only``, what qua
 with them at 8 bits), so the file shrinks where the speed can't change. LSTM's one int8 kernel
 quantizes its input and hidden state at run time: LSTMs become com.microsoft DynamicQuantizeLSTM
 (``dynamic-lstm``, as quantize-dynamic makes them; models/digits_lstm: 0.58x float's latency,
-where weight-only LSTMs run 1.15x, the weights dequantized on every run). These are rewritten
-before calibration, so the ranges, the search and bias correction see them as they will be.
+where weight-only LSTMs run 1.15x, the weights dequantized on every run). Embedding tables
+(``gather``) are int8 with a scale per row, rows gathered before they are converted, as
+quantize-dynamic stores them (a DequantizeLinear before the Gather would convert the whole table
+on every run). These are rewritten before calibration, so the ranges, the search and bias
+correction see them as they will be.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from graphopt.registry import register
 from graphopt.passes._qconv import static_gptq_weights
 from graphopt.passes._qdynamic import apply as apply_dynamic
 from graphopt.passes._qdynamic import find_candidates
+from graphopt.passes.quantize_dynamic import QuantizeDynamic
 from graphopt.passes.quantize_weights import OTHER_KINDS, quantize_weight_only
 from graphopt.verify import OrtFailure
 
@@ -97,6 +101,7 @@ class QuantizeStatic(GraphPass):
     bias_correction: bool = option(True, "subtract each int8 Conv/Gemm/MatMul's mean output shift from weight rounding (calibration data) from its bias (_biascorr)")
     weight_only: list[str] = option(list(OTHER_KINDS), "ops without an int8 kernel whose constant weights get int8 weight-only scales (per output channel / gate row)")
     dynamic_lstm: bool = option(True, "LSTMs become DynamicQuantizeLSTM (int8 weights, input and hidden state quantized at run time); false: weight-only")
+    gather: bool = option(True, "constant Gather tables (embeddings) int8 with one scale per row, gathered before converting (as quantize-dynamic does)")
 
     def call(self, model: ir.Model) -> PassResult:
         if is_quantized(model):
@@ -109,7 +114,7 @@ class QuantizeStatic(GraphPass):
             samples = generate(model, samples=8, seed=1)
             stats["generated_calibration"] = len(samples)
         names = NameSet(model)
-        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, [*self.ops, *self.weight_only, "LSTM"])
+        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, [*self.ops, *self.weight_only, "LSTM", "Gather"])
         stats["folded_transpose"] = fold_transposed_weights(model, names)
         if self.fold_batchnorm:
             stats["folded_batchnorm"] = fold_batchnorm(model, names)
@@ -148,12 +153,14 @@ class QuantizeStatic(GraphPass):
             stats["ort_qdq_max_opset"] = best
             return self._result(model, stats, [])
         # first, so that calibration, the search and bias correction see these weights as they will be
-        lstms = find_candidates(model, ["LSTM"], self.exclude, 256, per_channel)[0] if self.dynamic_lstm else []
-        stats["dynamic_lstms"] = apply_dynamic(model, lstms, self.name)["dynamic_lstms"]
+        kinds = ["LSTM"] * self.dynamic_lstm + ["Gather"] * self.gather
+        tables_lstms = find_candidates(model, kinds, self.exclude, QuantizeDynamic.min_elements, per_channel)[0] if kinds else []
+        done = apply_dynamic(model, tables_lstms, self.name)
+        stats["dynamic_lstms"], stats["gather_weight_only"] = done["dynamic_lstms"], done["gather_weight_only"]
         others = quantize_weight_only(model, [op for op in self.weight_only if op in OTHER_KINDS], self.exclude, per_channel, self.name, Counter())
         stats["weight_only"] = len(others)
         others = [r | {"choice": "int8 weight-only"} for r in others]
-        others += [{"name": c.name, "op": "LSTM", "shape": list(c.shape), "weight_sqnr_db": c.weight_sqnr_db, "choice": "int8 dynamic (DynamicQuantizeLSTM)"} for c in lstms]
+        others += [QuantizeDynamic.record(c) for c in tables_lstms]
         if others:
             floats = float_tensors(model)
             plan = make_plan(model, self.ops, self.exclude, set(), floats)  # node positions moved
@@ -263,7 +270,7 @@ class QuantizeStatic(GraphPass):
 
     def _result(self, model: ir.Model, stats: Counter[str], layers: list[dict[str, Any]]) -> PassResult:
         clean = {k: int(v) for k, v in stats.items() if v}
-        modified = any(clean.get(k) for k in ("quantized_nodes", "weight_only", "dynamic_lstms", "folded_weight_chain_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
+        modified = any(clean.get(k) for k in ("quantized_nodes", "weight_only", "dynamic_lstms", "gather_weight_only", "folded_weight_chain_nodes", "folded_transpose", "folded_batchnorm", "fused_matmul_add", "opset_upgraded_to"))
         logger.debug("%s: %s", self.name, clean)
         return PassResult(model, modified=modified, stats=clean, layers=layers)
 

@@ -277,3 +277,30 @@ def test_ops_without_int8_kernels_get_weight_only_int8() -> None:
     stats = _run(QuantizeStatic(weight_only=[], dynamic_lstm=False), kept, data).stats
     assert "weight_only" not in stats and "dynamic_lstms" not in stats
     assert all(n.inputs[1].const_value is not None for n in kept.graph if n.op_type in ("ConvTranspose", "LSTM"))
+
+
+def test_embedding_table_is_int8_and_gathered_before_converting() -> None:
+    """Gather(table, ids) -> MatMul: the table becomes int8 with a scale per row, read as
+    Gather(int8) -> Cast -> Mul(gathered scales) (no conversion of the whole table per run); the
+    MatMul is still quantized statically; ``gather=false`` keeps the table float."""
+    rng = np.random.default_rng(7)
+    h, T = onnx.helper, onnx.TensorProto
+    table = onnx.numpy_helper.from_array((rng.standard_normal((500, 64)) * rng.uniform(0.1, 3, (500, 1))).astype(np.float32), "table")
+    w = onnx.numpy_helper.from_array((rng.standard_normal((64, 32)) / 8).astype(np.float32), "w")
+    nodes = [h.make_node("Gather", ["table", "ids"], ["e"], name="embed"), h.make_node("MatMul", ["e", "w"], ["m"], name="proj"), h.make_node("Relu", ["m"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("ids", T.INT64, [4, 6])], [h.make_tensor_value_info("y", T.FLOAT, [4, 6, 32])], [table, w])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    data = [{"ids": rng.integers(0, 500, (4, 6)).astype(np.int64)} for _ in range(6)]
+    reference = outputs(ir.from_proto(proto), data)
+    model = ir.from_proto(proto)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.stats["gather_weight_only"] == 1 and next(r for r in result.layers if r["name"] == "proj")["choice"] == "int8", result.stats
+    assert_valid(model)
+    rows = next(n for n in model.graph if n.op_type == "Gather" and constant_array(n.inputs[0]).ndim == 2 and constant_array(n.inputs[0]).shape[1] == 64)
+    assert constant_array(rows.inputs[0]).dtype == np.int8 and not any(n.op_type == "DequantizeLinear" and constant_array(n.inputs[0]) is not None and constant_array(n.inputs[0]).shape == (500, 64) for n in model.graph)
+    assert next(r for r in result.layers if r["op"] == "Gather")["scales"] == "per-row"
+    for level in ("exact", "deploy"):
+        assert _sqnr(model, data, reference, level) >= 30.0
+    kept = ir.from_proto(proto)
+    assert "gather_weight_only" not in _run(QuantizeStatic(gather=False), kept, data).stats
+    assert constant_array(next(n for n in kept.graph if n.op_type == "Gather").inputs[0]).dtype == np.float32
