@@ -10,7 +10,9 @@ sensitivity search on calibration data keeps in float the MatMuls whose run-time
 quantization costs the most (one range per whole activation tensor: a transformer's outlier
 channels make some of them lossy) until the outputs meet the pass's budget with a margin.
 Convolutions are left alone: ORT's ConvInteger has no fused float-output kernel and runs slower
-than float Conv on x86 (use quantize-static or quantize-weights for CNNs).
+than float Conv on x86 (use quantize-static or quantize-weights for CNNs). So are GRU and RNN,
+which have no int8 kernel at all (quantize-weights and quantize-static store their weights int8,
+weight-only).
 """
 
 from __future__ import annotations
