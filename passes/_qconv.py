@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4096
 """im2col rows (output positions) sampled per Conv for its Hessian."""
-CHUNK_ELEMENTS = 1 << 24
-"""Bound on the float32 elements of one im2col slice held at a time (64 MB)."""
+CHUNK_ELEMENTS = 1 << 22
+"""Bound on the float32 elements of one im2col slice held at a time (16 MB)."""
 MAX_COLUMNS = 4608
 """Convs with more columns per group (``(C/g)·prod(kernel)``; 512 x 3x3 is 4608) keep plain rounding."""
 MAX_HESSIAN_BYTES = 1 << 30
@@ -58,17 +58,25 @@ def im2col(x: np.ndarray, geo: ConvGeometry, positions: np.ndarray | None = None
     """Patches ``[rows, C, prod(kernel)]`` (float32) of ``x[N, C, *spatial]``: every output position
     (``positions`` None, in (n, *out) order) or the given flat indices into ``[N, *out]``."""
     x = np.asarray(x, dtype=np.float32)
+    out_shape = (x.shape[0], *conv_out_size(geo, x.shape[2:]))
+    return _patches(_padded(x, geo), geo, out_shape, np.arange(int(np.prod(out_shape))) if positions is None else positions)
+
+
+def _padded(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     nd = len(geo.kernel)
-    outs = conv_out_size(geo, x.shape[2:])
-    if positions is None:
-        positions = np.arange(x.shape[0] * int(np.prod(outs)))
-    idx = np.unravel_index(positions, (x.shape[0], *outs))
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(geo.pads[i], geo.pads[nd + i]) for i in range(nd)])
-    cols = []
-    for offset in np.ndindex(*geo.kernel):
+    return np.pad(x, [(0, 0), (0, 0)] + [(geo.pads[i], geo.pads[nd + i]) for i in range(nd)])
+
+
+def _patches(padded: np.ndarray, geo: ConvGeometry, out_shape: tuple[int, ...], positions: np.ndarray) -> np.ndarray:
+    """im2col rows of an already padded input, written in place (a list of slices and a stack held
+    both copies at once: 2x the chunk, EfficientNet int4's largest buffers)."""
+    nd = len(geo.kernel)
+    idx = np.unravel_index(positions, out_shape)
+    out = np.empty((len(positions), padded.shape[1], int(np.prod(geo.kernel))), np.float32)
+    for j, offset in enumerate(np.ndindex(*geo.kernel)):
         coords = tuple(idx[1 + i] * geo.strides[i] + offset[i] * geo.dilations[i] for i in range(nd))
-        cols.append(padded[(idx[0], slice(None), *coords)])  # [rows, C]
-    return np.stack(cols, axis=-1)
+        out[:, :, j] = padded[(idx[0], slice(None), *coords)]  # [rows, C]
+    return out
 
 
 def sample_positions(count: int, limit: int, seed: int) -> np.ndarray:
@@ -102,9 +110,10 @@ class HessianSum:
             self.folds = FoldedHessian.empty(geo.group, k, np.float32)
         parts = [(fold, pos)] if fold is not None else [(0, pos[: len(pos) // 2]), (1, pos[len(pos) // 2 :])]
         per_chunk = max(1, CHUNK_ELEMENTS // max(1, c * p))
+        padded, out_shape = _padded(x, geo), (x.shape[0], *conv_out_size(geo, x.shape[2:]))  # once per batch, not per chunk
         for f, part in parts:
             for start in range(0, len(part), per_chunk):
-                cols = im2col(x, geo, part[start : start + per_chunk]).reshape(-1, geo.group, k).transpose(1, 0, 2)  # [g, rows, K] float32
+                cols = _patches(padded, geo, out_shape, part[start : start + per_chunk]).reshape(-1, geo.group, k).transpose(1, 0, 2)  # [g, rows, K] float32
                 self.folds.add(f, cols)
 
 
