@@ -310,3 +310,35 @@ def test_torch_lstm_export_runs_as_dynamic_quantize_lstm() -> None:
     assert not any(n.op_type == "Slice" and constant_array(n.inputs[0]) is not None for n in out.graph)  # the weights' slices folded
     accuracy = {name: float((outputs(m, samples, "deploy")[0]["logits"].argmax(-1) == labels).mean()) for name, m in (("float", ir.load(MODELS / "digits_lstm.onnx")), ("int8", out))}
     assert abs(accuracy["int8"] - accuracy["float"]) <= 0.005, accuracy
+
+
+@pytest.mark.parametrize(
+    ("attributes", "optional_inputs"),
+    [({"clip": 0.8}, False), ({"input_forget": 1}, False), ({"activations": ["HardSigmoid", "Tanh", "Tanh"]}, False), ({"direction": "reverse"}, False), ({}, True)],
+    ids=["clip", "input_forget", "activations", "reverse", "bias-seqlens-peephole"],
+)
+def test_lstm_attributes_and_optional_inputs_carry_over(attributes: dict, optional_inputs: bool) -> None:
+    """DynamicQuantizeLSTM takes the LSTM's attributes and its B, sequence_lens and P (initial states
+    left out in between) as they were: the same numbers up to int8 rounding, at both levels."""
+    h, T = onnx.helper, onnx.TensorProto
+    hidden, k, seq, batch = 32, 24, 5, 2
+    inits = [onnx.numpy_helper.from_array((RNG.standard_normal((1, 4 * hidden, k)) / 5).astype(np.float32), "W"),
+             onnx.numpy_helper.from_array((RNG.standard_normal((1, 4 * hidden, hidden)) / 6).astype(np.float32), "R")]  # fmt: skip
+    names = ["x", "W", "R"]
+    if optional_inputs:
+        inits += [onnx.numpy_helper.from_array((RNG.standard_normal((1, 8 * hidden)) / 6).astype(np.float32), "B"),
+                  onnx.numpy_helper.from_array(np.array([seq, seq - 2], np.int32), "lens"),
+                  onnx.numpy_helper.from_array((RNG.standard_normal((1, 3 * hidden)) / 6).astype(np.float32), "P")]  # fmt: skip
+        names += ["B", "lens", "", "", "P"]
+    node = h.make_node("LSTM", names, ["y"], hidden_size=hidden, **attributes)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [seq, batch, k])], [h.make_tensor_value_info("y", T.FLOAT, [seq, 1, batch, hidden])], inits)
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    data = feeds(model, samples=2)
+    reference = outputs(model, data)
+    assert QuantizeDynamic(ops=["LSTM"], min_elements=0)(model).stats["dynamic_lstms"] == 1
+    assert_valid(model)
+    (new,) = model.graph
+    assert {a.name for a in new.attributes.values()} == set(attributes) | {"hidden_size"}
+    assert [v.name if v is not None else "" for v in new.inputs[3:8]] == (["B", "lens", "", "", "P"] if optional_inputs else [""] * 5)
+    for level in ("exact", "deploy"):
+        assert compare_outputs(reference, outputs(model, data, level))[0].sqnr_db > 33.0
