@@ -165,7 +165,7 @@ def apply(model: ir.Model, chosen: Sequence[Candidate], tag: str, bias_means: di
     for c in chosen:
         node = nodes[c.index]
         if c.kind == "gather":
-            _rewrite_gather(graph, node, c, names, tag)
+            gather_rows_first(graph, node, c.qw, names, tag)
             stats["gather_weight_only"] += 1
             continue
         if c.kind == "lstm":
@@ -231,12 +231,15 @@ def _dynamic_quantize(graph: ir.Graph, x: ir.Value, names: NameSet, tag: str) ->
     return outs[0], outs[1], outs[2]
 
 
-def _rewrite_gather(graph: ir.Graph, node: ir.Node, c: Candidate, names: NameSet, tag: str) -> None:
+def gather_rows_first(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, names: NameSet, tag: str) -> None:
+    """``Gather(table, ids)`` -> ``Gather(Tq, ids) -> Cast -> Mul(Gather(Ts[V, 1], ids))`` for a table
+    quantized int8 symmetric with one scale per row (``qw``): only the gathered rows are converted."""
+    assert qw.qt.dtype == INT8.dtype and not np.any(qw.zero_point) and qw.axis == 0
     table, ids = node.inputs[0], node.inputs[1]
     assert table is not None and ids is not None
     base = table.name or "table"
-    q = add_initializer(graph, ir.Tensor(np.ascontiguousarray(c.qw.q), dtype=INT8.dtype), base + "_q", names)
-    s = add_initializer(graph, np.asarray(c.qw.scale, np.float32).reshape(-1, 1), base + "_s", names)
+    q = add_initializer(graph, ir.Tensor(np.ascontiguousarray(qw.q), dtype=INT8.dtype), base + "_q", names)
+    s = add_initializer(graph, np.asarray(qw.scale, np.float32).reshape(-1, 1), base + "_s", names)
     out = node.outputs[0]
     rows = add_node(graph, node, "Gather", [q, ids], {"axis": 0}, (out.name or "y") + "_q", names, tag, dtype=ir.DataType.INT8)
     row_scales = add_node(graph, node, "Gather", [s, ids], {"axis": 0}, (out.name or "y") + "_s", names, tag)

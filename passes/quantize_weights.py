@@ -51,6 +51,7 @@ from graphopt.passes._qmath import QuantizedWeight, pack_matmulnbits, qtype, qua
 from graphopt.passes._qsearch import RANK_ROWS, SEARCH_ROWS, Search, keep_float_search, search_goal, search_rows, note_search
 from graphopt.passes._gptq import Inputs
 from graphopt.passes._qconv import ConvInputs, conv_block, conv_calibration
+from graphopt.passes._qdynamic import gather_rows_first
 from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class QuantizeWeights(GraphPass):
     conv_block_size: int = option(32, "4 bits (or blocked 8 bits): Conv scales per this many input channels at each kernel position where that makes >= 2 blocks (0: per output channel)")
     conv_block_min_gain: float = option(3.0, "Conv blocks only where they raise the weight's SQNR by this many dB over per-output-channel scales (Gaussian weights gain ~2 dB at 32)")
     rounding: Literal["nearest", "mse", "gptq"] = option("nearest", "round to nearest; mse: per-group range search; gptq: error feedback on calibration data (MatMul/Gemm/Conv)")
-    gather: bool = option(False, "also quantize constant Gather tables (embeddings), one scale per row")
+    gather: bool = option(True, "also quantize constant Gather tables (embeddings), one scale per row (8 bits: rows gathered before they are converted)")
     ops: list[str] = option(["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"], "op types whose constant weights are quantized (LSTM/GRU/RNN: W and R)")
     exclude: list[str] = option([], "fnmatch patterns (node name, op type, output or weight name) left in float")
     min_elements: int = option(256, "leave weights with fewer elements in float (small first layers are the sensitive ones), and any whose quantized form would not be smaller")
@@ -376,6 +377,9 @@ class QuantizeWeights(GraphPass):
         if self.format == "matmulnbits" and layer.kind == "matmul" and block and axis == 0:
             _to_matmulnbits(layer, qw, names, self.name)
             record["format"] = "MatMulNBits"
+        elif layer.kind == "gather" and qw.qt.dtype == ir.DataType.INT8 and not np.any(qw.zero_point):
+            gather_rows_first(graph, node, qw, names, self.name)  # DequantizeLinear first would convert the whole table per run
+            record["format"] = "Gather rows, then Cast/Mul"
         else:
             dq = add_dequantize(graph, node, qw, base, names, self.name)
             node.replace_input_with(layer.weight_index, dq)

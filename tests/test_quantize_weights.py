@@ -308,8 +308,8 @@ def test_transposed_constant_weight_is_folded_and_quantized() -> None:
 
 def test_tied_embedding_gets_a_transposed_copy_for_its_matmul() -> None:
     """A table read by a Gather and, transposed, by an output MatMul (tied embeddings): fold-constants
-    won't store the transpose of a shared table this big, so the MatMul gets its own transposed copy,
-    quantized; the Gather keeps the float table."""
+    won't store the transpose of a shared table this big, so the MatMul gets its own transposed copy;
+    both are quantized, the Gather's rows before they are converted (``gather=false``: table float)."""
     h, T = onnx.helper, onnx.TensorProto
     table = onnx.numpy_helper.from_array(RNG.standard_normal((100, 96)).astype(np.float32), "E")
     nodes = [h.make_node("Gather", ["E", "ids"], ["emb"]), h.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]), h.make_node("MatMul", ["h", "Et"], ["logits"])]
@@ -318,11 +318,13 @@ def test_tied_embedding_gets_a_transposed_copy_for_its_matmul() -> None:
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     data = [{"ids": np.array([[0, 5, 99], [7, 7, 1]], np.int64), "h": RNG.standard_normal((2, 96)).astype(np.float32)}]
     reference = outputs(model, data)
-    result = QuantizeWeights()(model)
-    assert result.stats["folded_transpose"] == 1 and result.stats["quantized"] == 1 and "folded_weight_chain_nodes" not in result.stats, result.stats
-    gather = next(n for n in model.graph if n.op_type == "Gather")
-    assert gather.inputs[0].const_value is not None and gather.inputs[0].dtype == ir.DataType.FLOAT
-    _check_both_levels(model, data, reference, 35.0)
+    for gather, table_type in ((True, ir.DataType.INT8), (False, ir.DataType.FLOAT)):
+        m = ir.from_proto(ir.to_proto(model))
+        result = QuantizeWeights(gather=gather)(m)
+        assert result.stats["folded_transpose"] == 1 and result.stats["quantized"] == 1 + gather and "folded_weight_chain_nodes" not in result.stats, result.stats
+        tables = [n.inputs[0] for n in m.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None and tuple(n.inputs[0].const_value.shape) == (100, 96)]
+        assert [t.dtype for t in tables] == [table_type]
+        _check_both_levels(m, data, reference, 35.0)
 
 
 def test_leaves_alone_small_excluded_shared_and_quantized() -> None:
@@ -411,3 +413,27 @@ def test_weight_computed_from_constants_is_folded_then_quantized() -> None:
     assert "Slice" not in [n.op_type for n in model.graph] and [n.op_type for n in model.graph].count("MatMul") == 3
     assert compare_outputs(reference, outputs(model, data))[0].sqnr_db > 35.0
     assert not QuantizeWeights()(model).modified
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_table_one_scale_per_row(bits: int) -> None:
+    """A Gather table (default ``gather=true``): 8 bits as int8 rows gathered before converting
+    (Gather -> Cast -> Mul by the gathered row scales; no DequantizeLinear of the whole table), 4 bits
+    as a per-row int4 DequantizeLinear before the Gather."""
+    h, T = onnx.helper, onnx.TensorProto
+    table = (RNG.standard_normal((300, 64)) * RNG.uniform(0.05, 2.0, (300, 1))).astype(np.float32)  # rows of very different ranges
+    graph = h.make_graph([h.make_node("Gather", ["E", "ids"], ["y"], name="embed")], "g", [h.make_tensor_value_info("ids", T.INT64, [3, 5])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [3, 5, 64])], [onnx.numpy_helper.from_array(table, "E")])  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    data = [{"ids": RNG.integers(0, 300, (3, 5)).astype(np.int64)} for _ in range(2)]
+    reference = outputs(model, data)
+    result = QuantizeWeights(bits=bits, search=False)(model)
+    assert result.stats["quantized"] == 1 and result.layers[0]["scales"] == "per-channel", result.layers
+    assert_valid(model)
+    ops = [n.op_type for n in model.graph]
+    if bits == 8:
+        assert ops == ["Gather", "Gather", "Cast", "Mul"] and result.layers[0]["format"] == "Gather rows, then Cast/Mul"
+        assert constant_array(model.graph.node(0).inputs[0]).dtype == np.int8
+    else:
+        assert ops == ["DequantizeLinear", "Gather"] and model.graph.node(0).attributes.get_int("axis") == 0
+    _check_both_levels(model, data, reference, 40.0 if bits == 8 else 15.0)
