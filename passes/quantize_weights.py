@@ -178,7 +178,7 @@ class QuantizeWeights(GraphPass):
             quantizer = self
             why = self._why_not_4bit(layer) if k not in keep else ""  # set: the layer takes the fallback whatever the search says
             if k in keep or why:
-                if fallback is None or layer.kind == "gather":
+                if fallback is None:
                     w = layer.tensor
                     layers.append({"name": layer.name, "op": layer.node.op_type, "shape": list(w.shape), "bits": 32, "bytes_before": int(w.size * 4), "choice": "float"}
                                   | ({"reason": why} if why else {}))
@@ -201,11 +201,13 @@ class QuantizeWeights(GraphPass):
 
     def _why_not_4bit(self, layer: LinearLayer) -> str:
         """Why a layer takes the fallback bits (or stays float) at bits=4, or "": a conv too narrow for
-        4 bits (``min-fan-in``), or a ConvTranspose (no blocked layout for its weight here)."""
+        4 bits (``min-fan-in``), a ConvTranspose (no blocked layout for its weight here), or an
+        embedding table (int8 rows are gathered before they are converted; an int4 table would be
+        converted whole on every run)."""
         if self.bits != 4:
             return ""
-        if layer.kind == "convtranspose":
-            return "ConvTranspose"
+        if layer.kind in ("convtranspose", "gather"):
+            return "ConvTranspose" if layer.kind == "convtranspose" else "embedding table"
         fan_in = int(np.prod(layer.shape[1:]))
         return f"fan-in {fan_in} < min-fan-in {self.min_fan_in}" if layer.kind == "conv" and fan_in < self.min_fan_in else ""
 

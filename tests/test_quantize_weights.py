@@ -417,9 +417,9 @@ def test_weight_computed_from_constants_is_folded_then_quantized() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_embedding_table_one_scale_per_row(bits: int) -> None:
-    """A Gather table (default ``gather=true``): 8 bits as int8 rows gathered before converting
-    (Gather -> Cast -> Mul by the gathered row scales; no DequantizeLinear of the whole table), 4 bits
-    as a per-row int4 DequantizeLinear before the Gather."""
+    """A Gather table (default ``gather=true``): int8 rows gathered before converting (Gather -> Cast
+    -> Mul by the gathered row scales; no DequantizeLinear of the whole table), at bits=4 too (the
+    fallback's 8 bits); float with bits=4 and ``fallback-bits=0``."""
     h, T = onnx.helper, onnx.TensorProto
     table = (RNG.standard_normal((300, 64)) * RNG.uniform(0.05, 2.0, (300, 1))).astype(np.float32)  # rows of very different ranges
     graph = h.make_graph([h.make_node("Gather", ["E", "ids"], ["y"], name="embed")], "g", [h.make_tensor_value_info("ids", T.INT64, [3, 5])],
@@ -427,13 +427,14 @@ def test_embedding_table_one_scale_per_row(bits: int) -> None:
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     data = [{"ids": RNG.integers(0, 300, (3, 5)).astype(np.int64)} for _ in range(2)]
     reference = outputs(model, data)
+    kept = ir.from_proto(ir.to_proto(model))
     result = QuantizeWeights(bits=bits, search=False)(model)
     assert result.stats["quantized"] == 1 and result.layers[0]["scales"] == "per-channel", result.layers
+    assert result.stats.get("gather_8bit") == (1 if bits == 4 else None), result.stats
     assert_valid(model)
-    ops = [n.op_type for n in model.graph]
-    if bits == 8:
-        assert ops == ["Gather", "Gather", "Cast", "Mul"] and result.layers[0]["format"] == "Gather rows, then Cast/Mul"
-        assert constant_array(model.graph.node(0).inputs[0]).dtype == np.int8
-    else:
-        assert ops == ["DequantizeLinear", "Gather"] and model.graph.node(0).attributes.get_int("axis") == 0
-    _check_both_levels(model, data, reference, 40.0 if bits == 8 else 15.0)
+    assert [n.op_type for n in model.graph] == ["Gather", "Gather", "Cast", "Mul"] and result.layers[0]["format"] == "Gather rows, then Cast/Mul"
+    assert constant_array(model.graph.node(0).inputs[0]).dtype == np.int8
+    _check_both_levels(model, data, reference, 40.0)
+    if bits == 4:
+        result = QuantizeWeights(bits=4, fallback_bits=0)(kept)
+        assert not result.modified and result.stats["gather"] == 1
