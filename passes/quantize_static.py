@@ -114,7 +114,7 @@ class QuantizeStatic(GraphPass):
             samples = generate(model, samples=8, seed=1)
             stats["generated_calibration"] = len(samples)
         names = NameSet(model)
-        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, [*self.ops, *self.weight_only, "LSTM", "Gather"])
+        stats["folded_weight_chain_nodes"] = fold_weight_chains(model, [*self.ops, *self.weight_only, *self._dynamic_kinds()])
         stats["folded_transpose"] = fold_transposed_weights(model, names)
         if self.fold_batchnorm:
             stats["folded_batchnorm"] = fold_batchnorm(model, names)
@@ -125,7 +125,8 @@ class QuantizeStatic(GraphPass):
         plan = make_plan(model, self.ops, self.exclude, set(), floats)
         stats.update(plan.skipped)
         stats["skipped_subgraph"] = sum(1 for g in model.graphs() if g is not model.graph for n in g if n.op_type in COMPUTE)
-        if not plan.compute:
+        outside = {*self.weight_only, *self._dynamic_kinds()}
+        if not plan.compute and not any(n.op_type in outside for n in model.graph):
             return self._result(model, stats, [])
         need = 13 if self.per_channel else 10
         per_channel = self.per_channel
@@ -152,18 +153,12 @@ class QuantizeStatic(GraphPass):
             stats["skipped_ort_opset"] += len(plan.compute)
             stats["ort_qdq_max_opset"] = best
             return self._result(model, stats, [])
-        # first, so that calibration, the search and bias correction see these weights as they will be
-        kinds = ["LSTM"] * self.dynamic_lstm + ["Gather"] * self.gather
-        tables_lstms = find_candidates(model, kinds, self.exclude, QuantizeDynamic.min_elements, per_channel)[0] if kinds else []
-        done = apply_dynamic(model, tables_lstms, self.name)
-        stats["dynamic_lstms"], stats["gather_weight_only"] = done["dynamic_lstms"], done["gather_weight_only"]
-        others = quantize_weight_only(model, [op for op in self.weight_only if op in OTHER_KINDS], self.exclude, per_channel, self.name, Counter())
-        stats["weight_only"] = len(others)
-        others = [r | {"choice": "int8 weight-only"} for r in others]
-        others += [QuantizeDynamic.record(c) for c in tables_lstms]
+        others = self._outside_plan(model, per_channel, stats)  # first: calibration, the search and bias correction see them as they will be
         if others:
             floats = float_tensors(model)
             plan = make_plan(model, self.ops, self.exclude, set(), floats)  # node positions moved
+        if not plan.compute:
+            return self._result(model, stats, others)
         ranges, masks = collect_ranges(model, list(plan.groups), samples, self.calibrate, qt, self.percentile)
         labels = {i: n.name or n.outputs[0].name or n.op_type for i, n in enumerate(model.graph)}
         nodes = list(model.graph)
@@ -201,6 +196,20 @@ class QuantizeStatic(GraphPass):
         stats["qdq_pairs"] = len(final.tensors)
         stats["relu_absorbed"] = len(final.absorbed)
         return self._result(model, stats, [layers[i] for i in sorted(layers)] + others)
+
+    def _dynamic_kinds(self) -> list[str]:
+        return ["LSTM"] * self.dynamic_lstm + ["Gather"] * self.gather
+
+    def _outside_plan(self, model: ir.Model, per_channel: bool, stats: Counter[str]) -> list[dict[str, Any]]:
+        """Rewrite the ops no QDQ pair makes faster (module doc): LSTMs and embedding tables as
+        quantize-dynamic does, the ``weight-only`` ops' weights as quantize-weights does; their records."""
+        kinds = self._dynamic_kinds()
+        tables_lstms = find_candidates(model, kinds, self.exclude, QuantizeDynamic.min_elements, per_channel)[0] if kinds else []
+        done = apply_dynamic(model, tables_lstms, self.name)
+        stats["dynamic_lstms"], stats["gather_weight_only"] = done["dynamic_lstms"], done["gather_weight_only"]
+        weight_only = quantize_weight_only(model, [op for op in self.weight_only if op in OTHER_KINDS], self.exclude, per_channel, self.name, Counter())
+        stats["weight_only"] = len(weight_only)
+        return [r | {"choice": "int8 weight-only"} for r in weight_only] + [QuantizeDynamic.record(c) for c in tables_lstms]
 
     def _bias_means(self, model: ir.Model, plan: Plan, samples: list) -> dict[int, np.ndarray]:
         """Per weighted compute node (index), its ``_biascorr.input_means`` entry on the float model."""

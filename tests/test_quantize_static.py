@@ -304,3 +304,20 @@ def test_embedding_table_is_int8_and_gathered_before_converting() -> None:
     kept = ir.from_proto(proto)
     assert "gather_weight_only" not in _run(QuantizeStatic(gather=False), kept, data).stats
     assert constant_array(next(n for n in kept.graph if n.op_type == "Gather").inputs[0]).dtype == np.float32
+
+
+def test_model_with_only_an_lstm_still_gets_it_quantized() -> None:
+    """No op for a Q/DQ pair at all: the LSTM still becomes a DynamicQuantizeLSTM."""
+    rng = np.random.default_rng(9)
+    h, T = onnx.helper, onnx.TensorProto
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal((1, 128, 24)) / 5).astype(np.float32), "W"),
+             onnx.numpy_helper.from_array((rng.standard_normal((1, 128, 32)) / 6).astype(np.float32), "R")]  # fmt: skip
+    graph = h.make_graph([h.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=32)], "g", [h.make_tensor_value_info("x", T.FLOAT, [5, 2, 24])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [5, 1, 2, 32])], inits)  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    data = [{"x": rng.standard_normal((5, 2, 24)).astype(np.float32)} for _ in range(4)]
+    reference = outputs(model, data)
+    result = _run(QuantizeStatic(), model, data)
+    assert result.modified and result.stats["dynamic_lstms"] == 1 and [n.op_type for n in model.graph] == ["DynamicQuantizeLSTM"], result.stats
+    assert_valid(model)
+    assert _sqnr(model, data, reference, "deploy") >= 30.0
