@@ -1,4 +1,4 @@
-"""Graph side of quantization, shared by quantize-weights and quantize-static.
+"""Graph side of quantization, shared by the quantize passes.
 
 What's here: spotting an already quantized model, folding ``Transpose`` of a constant weight (legacy
 exporters put MatMul weights behind one, which hides them from onnxruntime.quantization) and other
