@@ -255,9 +255,10 @@ def _rewrite_lstm(graph: ir.Graph, node: ir.Node, c: Candidate, names: NameSet, 
     ``[directions, K, 4H]`` with their scales and (zero) zero points as inputs 8-11."""
     assert c.recurrent is not None
     extra: list[ir.Value] = []
+    directions, rows = c.shape[0], c.shape[1]  # W's [directions, 4H, K]; R shares the first two
     for value, qw in zip(node.inputs[1:3], (c.qw, c.recurrent)):
         assert value is not None
-        directions, rows, k = value.shape[0], value.shape[1], value.shape[2]  # type: ignore[index]
+        k = qw.q.size // (directions * rows)
         base = value.name or "w"
         q = np.ascontiguousarray(qw.q.reshape(directions, rows, k).transpose(0, 2, 1))
         scale = np.asarray(qw.scale, np.float32).reshape(directions, -1) if qw.scale.size > directions else np.asarray(qw.scale, np.float32).reshape(directions)
