@@ -146,7 +146,8 @@ def add_dequantize(graph: ir.Graph, before: ir.Node, qw: QuantizedWeight, base: 
     writes it (some ORT fusions want it), ``False`` never (the caller knows it is the default).
     """
     q = add_initializer(graph, ir.Tensor(np.require(qw.q, requirements="C"), dtype=qw.qt.dtype), base + "_q", names)
-    scale = add_initializer(graph, np.require(qw.scale, dtype=np.float32, requirements="C"), base + "_s", names)  # 0-d stays 0-d
+    half = np.asarray(qw.scale).dtype == np.float16  # the scale's type is the output's: float16 weights keep float16 scales
+    scale = add_initializer(graph, np.require(qw.scale, dtype=np.float16 if half else np.float32, requirements="C"), base + "_s", names)  # 0-d stays 0-d
     inputs = [q, scale]
     if with_zero_point is None:
         with_zero_point = not (qw.qt.signed and not np.any(np.asarray(qw.zero_point)))

@@ -56,6 +56,9 @@ from graphopt.verify import OrtFailure
 
 logger = logging.getLogger(__name__)
 
+HALF_SCALE_OPSET = 19
+"""DequantizeLinear takes float16 scales (and gives float16 outputs) since opset 19: float16 weights need it."""
+
 TOLERANCE_4BIT = Tolerance(min_sqnr_db=15.0, min_cosine=0.99)
 """Default budget at 4 bits (int8 has the class ``tolerance``); see benchmarks/results/quantize.md."""
 
@@ -115,7 +118,7 @@ class QuantizeWeights(GraphPass):
             candidates = []
         if not candidates:
             return self._result(model, stats, [])
-        need = self._opset_needed()
+        need = max(self._opset_needed(), HALF_SCALE_OPSET if any(c.tensor.dtype == ir.DataType.FLOAT16 for c in candidates) else 0)
         per_tensor = False
         if onnx_opset(model) < need:
             why = upgrade_opset(model, need, self.calibration.samples if self.calibration else None)
@@ -130,6 +133,9 @@ class QuantizeWeights(GraphPass):
             else:
                 stats["opset_upgraded_to"] = need
             candidates = self._candidates(model, Counter())  # the graph was rebuilt
+            if onnx_opset(model) < HALF_SCALE_OPSET:  # the per-tensor fallback: float16 weights have no DequantizeLinear here
+                stats["skipped_half_opset"] = sum(1 for c in candidates if c.tensor.dtype == ir.DataType.FLOAT16)
+                candidates = [c for c in candidates if c.tensor.dtype != ir.DataType.FLOAT16]
         if self.format == "qdq" or self.bits == 8:
             layout = "blocked" if self.bits == 4 or self.blocked else ("tensor" if per_tensor or not self.per_channel else "axis")
             why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, layout=layout)
@@ -139,7 +145,7 @@ class QuantizeWeights(GraphPass):
                 stats["ort_qdq_max_opset"] = best
                 return self._result(model, stats, [])
         activations = self._activations(model, candidates)
-        means = _biascorr.input_means(model, candidates, self.calibration.samples) if self.bias_correction and self.calibration else None
+        means = _biascorr.input_means(model, [c for c in candidates if c.tensor.dtype == ir.DataType.FLOAT], self.calibration.samples) if self.bias_correction and self.calibration else None
         stats["bias_correction_no_calibration"] = int(self.bias_correction and not self.calibration)
         groups = _weight_groups(candidates)
         found: Search | None = None
@@ -285,7 +291,7 @@ class QuantizeWeights(GraphPass):
         ops = [op for op in self.ops if op in ("MatMul", "Gemm", "Conv")]
         by_weight: dict[int, list[LinearLayer]] = {}
         for layer in linear_layers(model, ops, float_only=False):
-            if layer.tensor.dtype != ir.DataType.FLOAT:
+            if layer.tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or (layer.tensor.dtype == ir.DataType.FLOAT16 and self.format == "matmulnbits"):
                 stats["skipped_dtype"] += 1
             elif matches(layer.node, self.exclude, layer.weight):
                 stats["excluded"] += 1
@@ -316,7 +322,7 @@ class QuantizeWeights(GraphPass):
             groups = n // layer.shape[1] * -(-layer.shape[1] // block) if block else layer.shape[0]
         name = len(layer.weight.name or "w")
         overhead = 3 * name + 60 + 4 * max(groups, 1)  # names (+_q, _s, _dq), node and tensor headers, scales
-        return n * self.bits // 8 + overhead < n * 4
+        return n * self.bits // 8 + overhead < n * layer.tensor.dtype.itemsize
 
     def _activations(self, model: ir.Model, layers: list[LinearLayer]) -> dict[str, list[np.ndarray]]:
         """GPTQ's data by input name: MatMul/Gemm input activations, or for a Conv input a
@@ -368,9 +374,11 @@ class QuantizeWeights(GraphPass):
                 record["per_channel_gain_db"] = round(gain, 2)
                 if gain < self.per_channel_min_gain:
                     qw, axis = one, None
+        if w.dtype == np.float16:  # a half model's DequantizeLinear has half scales (opset 19): the codes stay, the scales round by 2^-11
+            qw = dataclasses.replace(qw, scale=qw.scale.astype(np.float16))
         record["scales"] = "per-tensor" if qw.scale.ndim == 0 or axis is None else ("blocked" if block else "per-channel")
         record.update(axis=axis, block_size=block, type=qt.name, weight_sqnr_db=round(sqnr_db(w, qw.dequantized()), 2))
-        if means is not None and layer.kind not in ("gather", "recurrent", "convtranspose"):
+        if means is not None and layer.kind not in ("gather", "recurrent", "convtranspose") and w.dtype == np.float32:
             record.update(_biascorr.correct_bias(layer, w, qw.dequantized(), _biascorr.lookup(means, layer), names))
         graph = node.graph
         assert graph is not None
@@ -434,14 +442,16 @@ def _gemm_to_matmul(layer: LinearLayer, names: NameSet, pass_name: str) -> Linea
     bias = constant_array(c) if c is not None else None
     if c is not None and bias is None:
         return None
-    weight = add_initializer(graph, (layer.matrix() * np.float32(alpha)).astype(np.float32), (layer.weight.name or "w") + "_kn", names)
+    dtype = layer.matrix().dtype  # float32, or float16 in a half model
+    weight = add_initializer(graph, (layer.matrix() * np.float32(alpha)).astype(dtype), (layer.weight.name or "w") + "_kn", names)
     out = node.outputs[0]
-    y = add_node(graph, node, "MatMul", [node.inputs[0], weight], {}, (out.name or "y") + "_matmul", names, pass_name)
+    elem = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
+    y = add_node(graph, node, "MatMul", [node.inputs[0], weight], {}, (out.name or "y") + "_matmul", names, pass_name, dtype=elem)
     matmul = y.producer()
     assert matmul is not None
     if bias is not None:
-        b = add_initializer(graph, (bias * np.float32(beta)).astype(np.float32), (c.name or "b") + "_bias", names)
-        y = add_node(graph, node, "Add", [y, b], {}, (out.name or "y") + "_bias", names, pass_name)
+        b = add_initializer(graph, (bias * np.float32(beta)).astype(dtype), (c.name or "b") + "_bias", names)
+        y = add_node(graph, node, "Add", [y, b], {}, (out.name or "y") + "_bias", names, pass_name, dtype=elem)
     old_weight, old_bias = layer.weight, c
     _take_over(out, y)
     graph.remove(node, safe=True)

@@ -438,3 +438,33 @@ def test_embedding_table_one_scale_per_row(bits: int) -> None:
     if bits == 4:
         result = QuantizeWeights(bits=4, fallback_bits=0)(kept)
         assert not result.modified and result.stats["gather"] == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float16_weights_get_float16_scales(bits: int) -> None:
+    """A float16 model (exports with --fp16): MatMul, Gemm(transB, bias) and Conv weights quantized with
+    float16 scales, so each DequantizeLinear gives float16 (opset raised to 19, or 21 for blocks);
+    the model stays float16 end to end and runs close to the original at both levels."""
+    h, T = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(11)
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(np.float16), name)
+             for name, shape in (("w1", (64, 128)), ("w2", (32, 128)), ("b2", (32,)), ("wc", (16, 64, 3, 3)))]  # fmt: skip
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["r"]), h.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+             h.make_node("Conv", ["img", "wc"], ["z"], pads=[1, 1, 1, 1])]  # fmt: skip
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT16, [4, 64]), h.make_tensor_value_info("img", T.FLOAT16, [1, 64, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT16, [4, 32]), h.make_tensor_value_info("z", T.FLOAT16, [1, 16, 8, 8])], inits)  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    data = [{"x": rng.standard_normal((4, 64)).astype(np.float16), "img": rng.standard_normal((1, 64, 8, 8)).astype(np.float16)} for _ in range(2)]
+    reference = outputs(model, data)
+    p = QuantizeWeights(bits=bits, block_size=16)
+    p.calibration = Calibration(tuple(data))
+    result = p(model)
+    assert result.stats["quantized"] == 3 and onnx_opset(model) == (19 if bits == 8 else 21), result.stats
+    assert_valid(model)
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 3 and all(constant_array(n.inputs[1]).dtype == np.float16 for n in dqs)
+    for level in ("exact", "deploy"):
+        got = outputs(model, data, level)
+        assert all(v.dtype == np.float16 for v in got[0].values())
+        assert min(e.sqnr_db for e in compare_outputs(reference, got)) > (38.0 if bits == 8 else 17.0)
+    assert not p(model).modified
