@@ -14,6 +14,8 @@ Layouts, all in the form onnxruntime fuses:
   directly (no opset upgrade; fp32 compute, while ORT's fused DQ->MatMul quantizes activations
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
+float16 MatMul/Gemm/Conv weights (half exports) get float16 scales, so their DequantizeLinear gives
+float16 (opset 19); embedding tables, recurrent and ConvTranspose weights are taken in float32 only.
 Weights computed from constants (Transpose of a weight, torch's per-gate Slice/Concat of LSTM
 weights) are folded first, so that they are constants to quantize (``_qgraph.fold_weight_chains``).
 
