@@ -233,18 +233,21 @@ def _dynamic_quantize(graph: ir.Graph, x: ir.Value, names: NameSet, tag: str) ->
 
 def gather_rows_first(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, names: NameSet, tag: str) -> None:
     """``Gather(table, ids)`` -> ``Gather(Tq, ids) -> Cast -> Mul(Gather(Ts[V, 1], ids))`` for a table
-    quantized int8 symmetric with one scale per row (``qw``): only the gathered rows are converted."""
+    quantized int8 symmetric with one scale per row (``qw``): only the gathered rows are converted.
+    Float16 scales (a float16 table's) give float16 rows."""
     assert qw.qt.dtype == INT8.dtype and not np.any(qw.zero_point) and qw.axis == 0
     table, ids = node.inputs[0], node.inputs[1]
     assert table is not None and ids is not None
     base = table.name or "table"
+    half = np.asarray(qw.scale).dtype == np.float16
+    dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
     q = add_initializer(graph, ir.Tensor(np.ascontiguousarray(qw.q), dtype=INT8.dtype), base + "_q", names)
-    s = add_initializer(graph, np.asarray(qw.scale, np.float32).reshape(-1, 1), base + "_s", names)
+    s = add_initializer(graph, np.asarray(qw.scale, np.float16 if half else np.float32).reshape(-1, 1), base + "_s", names)
     out = node.outputs[0]
     rows = add_node(graph, node, "Gather", [q, ids], {"axis": 0}, (out.name or "y") + "_q", names, tag, dtype=ir.DataType.INT8)
-    row_scales = add_node(graph, node, "Gather", [s, ids], {"axis": 0}, (out.name or "y") + "_s", names, tag)
-    cast = add_node(graph, node, "Cast", [rows], {"to": int(ir.DataType.FLOAT)}, (out.name or "y") + "_f", names, tag)
-    y = add_node(graph, node, "Mul", [cast, row_scales], {}, (out.name or "y") + "_dq", names, tag)
+    row_scales = add_node(graph, node, "Gather", [s, ids], {"axis": 0}, (out.name or "y") + "_s", names, tag, dtype=dtype)
+    cast = add_node(graph, node, "Cast", [rows], {"to": int(dtype)}, (out.name or "y") + "_f", names, tag, dtype=dtype)
+    y = add_node(graph, node, "Mul", [cast, row_scales], {}, (out.name or "y") + "_dq", names, tag, dtype=dtype)
     _take_over(out, y)
     graph.remove(node, safe=True)
     drop_if_unused(table)

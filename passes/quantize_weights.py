@@ -15,7 +15,8 @@ Layouts, all in the form onnxruntime fuses:
   to int8 at its default ``accuracy_level`` 4).
 The model's opset is raised by onnx's version converter when needed, verified with ORT first.
 float16 MatMul/Gemm/Conv weights (half exports) get float16 scales, so their DequantizeLinear gives
-float16 (opset 19); embedding tables, recurrent and ConvTranspose weights are taken in float32 only.
+float16 (opset 19), float16 embedding tables float16 rows; recurrent and ConvTranspose weights are
+taken in float32 only.
 Weights computed from constants (Transpose of a weight, torch's per-gate Slice/Concat of LSTM
 weights) are folded first, so that they are constants to quantize (``_qgraph.fold_weight_chains``).
 
@@ -120,7 +121,7 @@ class QuantizeWeights(GraphPass):
             candidates = []
         if not candidates:
             return self._result(model, stats, [])
-        need = max(self._opset_needed(), HALF_SCALE_OPSET if any(c.tensor.dtype == ir.DataType.FLOAT16 for c in candidates) else 0)
+        need = max(self._opset_needed(), HALF_SCALE_OPSET if any(c.tensor.dtype == ir.DataType.FLOAT16 and c.kind != "gather" for c in candidates) else 0)
         per_tensor = False
         if onnx_opset(model) < need:
             why = upgrade_opset(model, need, self.calibration.samples if self.calibration else None)
@@ -136,8 +137,8 @@ class QuantizeWeights(GraphPass):
                 stats["opset_upgraded_to"] = need
             candidates = self._candidates(model, Counter())  # the graph was rebuilt
             if onnx_opset(model) < HALF_SCALE_OPSET:  # the per-tensor fallback: float16 weights have no DequantizeLinear here
-                stats["skipped_half_opset"] = sum(1 for c in candidates if c.tensor.dtype == ir.DataType.FLOAT16)
-                candidates = [c for c in candidates if c.tensor.dtype != ir.DataType.FLOAT16]
+                stats["skipped_half_opset"] = sum(1 for c in candidates if c.tensor.dtype == ir.DataType.FLOAT16 and c.kind != "gather")
+                candidates = [c for c in candidates if c.tensor.dtype != ir.DataType.FLOAT16 or c.kind == "gather"]
         if self.format == "qdq" or self.bits == 8:
             layout = "blocked" if self.bits == 4 or self.blocked else ("tensor" if per_tensor or not self.per_channel else "axis")
             why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, layout=layout)
@@ -530,18 +531,18 @@ def _gather_tables(model: ir.Model, exclude: list[str], min_elements: int) -> li
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if not is_onnx_op(node, "Gather") or node.attributes.get_int("axis", 0) != 0:
             continue
-        table = _own_float_weight(node, 0, exclude, min_elements)
+        table = _own_float_weight(node, 0, exclude, min_elements, half=True)
         if table is not None and table.ndim == 2:
             out.append(LinearLayer(node, "gather", 0))
     return out
 
 
-def _own_float_weight(node: ir.Node, index: int, exclude: list[str], min_elements: int) -> np.ndarray | None:
-    """Input ``index`` of ``node`` when it is a float32 constant of at least ``min_elements`` that
-    this pass may rewrite: read by ``node`` alone, not a graph output, not excluded."""
+def _own_float_weight(node: ir.Node, index: int, exclude: list[str], min_elements: int, half: bool = False) -> np.ndarray | None:
+    """Input ``index`` of ``node`` when it is a float32 (or with ``half``, float16) constant of at least
+    ``min_elements`` that this pass may rewrite: read by ``node`` alone, not a graph output, not excluded."""
     w = node.inputs[index] if len(node.inputs) > index else None
     array = constant_array(w) if w is not None else None
-    if array is None or array.dtype != np.float32 or array.size < min_elements:
+    if array is None or array.dtype not in ((np.float32, np.float16) if half else (np.float32,)) or array.size < min_elements:
         return None
     if matches(node, exclude, w) or len(w.uses()) != 1 or w.is_graph_output():
         return None

@@ -415,15 +415,16 @@ def test_weight_computed_from_constants_is_folded_then_quantized() -> None:
     assert not QuantizeWeights()(model).modified
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_embedding_table_one_scale_per_row(bits: int) -> None:
+def test_embedding_table_one_scale_per_row(bits: int, half: bool) -> None:
     """A Gather table (default ``gather=true``): int8 rows gathered before converting (Gather -> Cast
     -> Mul by the gathered row scales; no DequantizeLinear of the whole table), at bits=4 too (the
     fallback's 8 bits); float with bits=4 and ``fallback-bits=0``."""
     h, T = onnx.helper, onnx.TensorProto
-    table = (RNG.standard_normal((300, 64)) * RNG.uniform(0.05, 2.0, (300, 1))).astype(np.float32)  # rows of very different ranges
+    table = (RNG.standard_normal((300, 64)) * RNG.uniform(0.05, 2.0, (300, 1))).astype(np.float16 if half else np.float32)  # rows of very different ranges
     graph = h.make_graph([h.make_node("Gather", ["E", "ids"], ["y"], name="embed")], "g", [h.make_tensor_value_info("ids", T.INT64, [3, 5])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [3, 5, 64])], [onnx.numpy_helper.from_array(table, "E")])  # fmt: skip
+                         [h.make_tensor_value_info("y", T.FLOAT16 if half else T.FLOAT, [3, 5, 64])], [onnx.numpy_helper.from_array(table, "E")])  # fmt: skip
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     data = [{"ids": RNG.integers(0, 300, (3, 5)).astype(np.int64)} for _ in range(2)]
     reference = outputs(model, data)
@@ -434,6 +435,7 @@ def test_embedding_table_one_scale_per_row(bits: int) -> None:
     assert_valid(model)
     assert [n.op_type for n in model.graph] == ["Gather", "Gather", "Cast", "Mul"] and result.layers[0]["format"] == "Gather rows, then Cast/Mul"
     assert constant_array(model.graph.node(0).inputs[0]).dtype == np.int8
+    assert outputs(model, data)[0]["y"].dtype == table.dtype
     _check_both_levels(model, data, reference, 40.0)
     if bits == 4:
         result = QuantizeWeights(bits=4, fallback_bits=0)(kept)
