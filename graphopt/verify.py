@@ -50,7 +50,7 @@ sits far above 80 dB (1e-4 relative RMS), a real change of meaning far below."""
 
 HALF_NOISE_ULPS = 8
 HALF_NOISE_DB = 50.0
-"""What a lossless change may move a float16 output at the exact level: at most this many float16
+"""What a lossless change may move a float16 output (at each level): at most this many float16
 steps at the output's largest magnitude, and SQNR at least this. onnxruntime's CPU runs most float16
 ops in float32 between Casts it inserts and drops the Casts between two such ops, so where nodes sit
 moves where the rounding to float16 happens: removing one Identity from a torch float16 BERT export
