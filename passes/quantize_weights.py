@@ -209,16 +209,18 @@ class QuantizeWeights(GraphPass):
         return layers
 
     def _why_not_4bit(self, layer: LinearLayer) -> str:
-        """Why a layer takes the fallback bits (or stays float) at bits=4, or "": a conv too narrow for
-        4 bits (``min-fan-in``), a ConvTranspose (no blocked layout for its weight here), or an
-        embedding table (int8 rows are gathered before they are converted; an int4 table would be
-        converted whole on every run)."""
+        """Why a layer takes the fallback bits (or stays float) at bits=4, or "": a Conv or ConvTranspose
+        too narrow for 4 bits (``min-fan-in``), or an embedding table (int8 rows are gathered before
+        they are converted; an int4 table would be converted whole on every run)."""
         if self.bits != 4:
             return ""
-        if layer.kind in ("convtranspose", "gather"):
-            return "ConvTranspose" if layer.kind == "convtranspose" else "embedding table"
-        fan_in = int(np.prod(layer.shape[1:]))
-        return f"fan-in {fan_in} < min-fan-in {self.min_fan_in}" if layer.kind == "conv" and fan_in < self.min_fan_in else ""
+        if layer.kind == "gather":
+            return "embedding table"
+        if layer.kind not in ("conv", "convtranspose"):
+            return ""
+        groups = layer.node.attributes.get_int("group", 1) if layer.kind == "convtranspose" else 1  # a Conv's W already holds C/g
+        fan_in = int(np.prod(layer.shape)) // (layer.shape[layer.output_axis] * groups)
+        return f"fan-in {fan_in} < min-fan-in {self.min_fan_in}" if fan_in < self.min_fan_in else ""
 
     def _fallback(self) -> QuantizeWeights | None:
         """This pass at ``fallback_bits`` (8-bit per-channel, DequantizeLinear) for the layers the
@@ -349,12 +351,12 @@ class QuantizeWeights(GraphPass):
         signed = self.signed and self.format != "matmulnbits"
         qt = qtype(self.bits, signed)
         axis, block = self._layout(layer, per_tensor)
-        if layer.kind == "conv" and block and self.conv_block_min_gain > 0:  # blocks cost a scale per 32 weights: only where they pay
-            blocked, channel = (min(sqnr_db(w, quantize_weight(w, qt, axis=a, block_size=b).dequantized()), 300.0) for a, b in ((1, block), (0, 0)))
+        if layer.kind in ("conv", "convtranspose") and block and self.conv_block_min_gain > 0:  # blocks cost a scale per 32 weights: only where they pay
+            blocked, channel = (min(sqnr_db(w, quantize_weight(w, qt, axis=a, block_size=b).dequantized()), 300.0) for a, b in ((axis, block), (layer.output_axis, 0)))
             gain = blocked - channel
             record["block_gain_db"] = round(min(gain, 300.0), 2)
             if gain < self.conv_block_min_gain:
-                axis, block = 0, 0
+                axis, block = layer.output_axis, 0
         search = self.rounding in ("mse", "gptq")
         conv = acts.get(node.outputs[0].name) if isinstance(acts, ConvInputs) and layer.kind == "conv" and axis is not None else None
         if conv is not None:  # per group on im2col Hessians; made once per run, the search's clones reuse it
@@ -409,9 +411,10 @@ class QuantizeWeights(GraphPass):
             return 0, 0
         if self.bits == 8 and not self.blocked:
             return (None, 0) if per_tensor or not self.per_channel else (layer.output_axis, 0)
-        if layer.kind == "conv":  # blocks of input channels at each kernel position, or per output channel
-            block = conv_block(layer.shape[1], self.conv_block_size)
-            return (1, block) if block else (0, 0)
+        if layer.kind in ("conv", "convtranspose"):  # blocks of input channels at each kernel position, or per output channel
+            in_axis = 1 if layer.kind == "conv" else 0  # Conv W[O, C/g, *k]; ConvTranspose W[C, O/g, *k]
+            block = conv_block(layer.shape[in_axis], self.conv_block_size)
+            return (in_axis, block) if block else (layer.output_axis, 0)
         return layer.reduction_axes[0], self.block_size
 
 
@@ -494,7 +497,8 @@ OTHER_KINDS: dict[str, Kind] = {"LSTM": "recurrent", "GRU": "recurrent", "RNN": 
 """Ops whose weights only this pass quantizes (weight-only: onnxruntime dequantizes them and runs
 the float op), as layers of these kinds: LSTM/GRU/RNN W and R (``[directions, gates x hidden, K]``:
 one scale per gate row, axis 1, at 8 bits; blocks along axis 2 at 4) and ConvTranspose weights
-(``[Cin, Cout/group, *kernel]``: one scale per output channel, axis 1; 8 bits also at bits=4)."""
+(``[Cin, Cout/group, *kernel]``: one scale per output channel, axis 1; at 4 bits blocks of
+``conv-block-size`` input channels along axis 0 where that gains, as for Conv)."""
 
 
 def quantize_weight_only(model: ir.Model, ops: list[str], exclude: list[str], per_channel: bool, tag: str, stats: Counter[str]) -> list[dict[str, Any]]:
@@ -507,7 +511,7 @@ def quantize_weight_only(model: ir.Model, ops: list[str], exclude: list[str], pe
 
 
 def _not_4bit_stat(layer: LinearLayer) -> str:
-    return "small_fan_in" if layer.kind == "conv" else layer.kind
+    return "small_fan_in" if layer.kind in ("conv", "convtranspose") else layer.kind
 
 
 def _other_weights(model: ir.Model, ops: list[str], exclude: list[str], min_elements: int) -> list[LinearLayer]:

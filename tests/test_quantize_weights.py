@@ -254,28 +254,41 @@ def test_recurrent_weights_are_quantized(op: str, bits: int) -> None:
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_convtranspose_weights_are_quantized_per_output_channel(group: int) -> None:
-    """ConvTranspose W[Cin, Cout/group, kH, kW]: int8 with one scale per index of axis 1 (8 bits, and
-    the fallback at 4); float with bits=4 and fallback-bits=0."""
+    """ConvTranspose W[Cin, Cout/group, kH, kW]: 8 bits with one scale per index of axis 1; 4 bits the
+    same (16 input channels: no two blocks) or blocked along axis 0 (64 channels, blocks of 32);
+    too narrow for 4 bits (2 input channels), the fallback's 8 bits, or float with fallback-bits=0."""
     h, T = onnx.helper, onnx.TensorProto
-    w = onnx.numpy_helper.from_array((RNG.standard_normal((16, 24 // group, 3, 3)) / 8).astype(np.float32), "w")
-    node = h.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2], group=group)
-    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 16, 5, 5])], [h.make_tensor_value_info("y", T.FLOAT, [2, 24, 11, 11])], [w])
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    data = feeds(ir.from_proto(proto))
-    reference = outputs(ir.from_proto(proto), data)
-    for options, stat in (({"bits": 8}, "quantized"), ({"bits": 4}, "convtranspose_8bit"), ({"bits": 4, "fallback_bits": 0}, "convtranspose")):
-        model = ir.from_proto(proto)
-        result = QuantizeWeights(per_channel_min_gain=0, **options)(model)
-        assert result.stats.get(stat) == 1, result.stats
-        weight = next(n for n in model.graph if n.op_type == "ConvTranspose").inputs[1]
-        if stat == "convtranspose":
+
+    def model(cin: int) -> onnx.ModelProto:
+        w = onnx.numpy_helper.from_array((RNG.standard_normal((cin, 24 // group, 3, 3)) / 8).astype(np.float32), "w")
+        node = h.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2], group=group)
+        graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [2, cin, 5, 5])], [h.make_tensor_value_info("y", T.FLOAT, [2, 24, 11, 11])], [w])
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+    cases = (
+        (16, {"bits": 8}, "quantized", ir.DataType.INT8, 1, 0),
+        (16, {"bits": 4}, "quantized", ir.DataType.INT4, 1, 0),
+        (64, {"bits": 4, "conv_block_min_gain": 0}, "quantized", ir.DataType.INT4, 0, 32),
+        (2, {"bits": 4, "min_elements": 0}, "small_fan_in_8bit", ir.DataType.INT8, 1, 0),
+        (2, {"bits": 4, "min_elements": 0, "fallback_bits": 0}, "small_fan_in", None, None, None),
+    )
+    for cin, options, stat, dtype, axis, block in cases:
+        proto = model(cin * group if cin == 2 else cin)
+        data = feeds(ir.from_proto(proto))
+        reference = outputs(ir.from_proto(proto), data)
+        m = ir.from_proto(proto)
+        result = QuantizeWeights(per_channel_min_gain=0, search=False, **options)(m)
+        assert result.stats.get(stat) == 1, (cin, options, result.stats)
+        weight = next(n for n in m.graph if n.op_type == "ConvTranspose").inputs[1]
+        if dtype is None:
             assert weight.const_value is not None and not result.modified
             continue
         dq = weight.producer()
-        assert dq.op_type == "DequantizeLinear" and dq.attributes.get_int("axis") == 1 and constant_array(dq.inputs[1]).shape == (24 // group,)
-        assert_valid(model)
+        assert dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype == dtype, (cin, options)
+        assert dq.attributes.get_int("axis") == axis and dq.attributes.get_int("block_size", 0) == block, (cin, options)
+        assert_valid(m)
         for level in ("exact", "deploy"):
-            assert compare_outputs(reference, outputs(model, data, level))[0].sqnr_db > 30.0
+            assert compare_outputs(reference, outputs(m, data, level))[0].sqnr_db > (30.0 if dtype == ir.DataType.INT8 else 15.0)
 
 
 def test_upper_inverse_cholesky_factors_the_inverse_hessian() -> None:
