@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -129,15 +129,16 @@ def compare_arrays(name: str, ref: Sequence[np.ndarray], got: Sequence[np.ndarra
 
 
 def compare_outputs(
-    ref: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]], tol: Tolerance | None = None
+    ref: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]], tol: Tolerance | Callable[[str], Tolerance] | None = None
 ) -> list[OutputError]:
-    """Compare per-sample output dicts, output by output; a missing output is a mismatch."""
+    """Compare per-sample output dicts, output by output; a missing output is a mismatch. ``tol``:
+    one tolerance for all outputs, or a function giving each output's."""
     errors = []
     for name in ref[0]:
         if any(name not in g for g in got):
             errors.append(_mismatch(name, "output is missing"))
             continue
-        errors.append(compare_arrays(name, [s[name] for s in ref], [s[name] for s in got], tol))
+        errors.append(compare_arrays(name, [s[name] for s in ref], [s[name] for s in got], tol(name) if callable(tol) else tol))
     return errors
 
 

@@ -35,7 +35,7 @@ from graphopt import sparse
 from graphopt.data import Sample, batch_rows
 from graphopt.edit import iter_tensors
 from graphopt.io import EXTERNAL_THRESHOLD
-from graphopt.metrics import OutputError, TaskAccuracy, Tolerance, compare_arrays, compare_outputs, task_accuracy
+from graphopt.metrics import OutputError, TaskAccuracy, Tolerance, compare_outputs, task_accuracy
 from graphopt.progress import track
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class Verifier:
         exact = compare_outputs(self.reference, exact_out, exact_tol)
         # A pass judged on its own change answers against the last accepted outputs (the reference
         # itself unless a lossy pass ran before), so `lossy,dce` doesn't hold dce to the lossy pass's error.
-        vs_previous = self._own_change(exact_out, budget, lossless) if own else compare_outputs(self.previous, exact_out)
+        vs_previous = compare_outputs(self.previous, exact_out, (lambda name: self._own_budget(name, budget, lossless)) if own else None)
         deploy = None
         own_deploy = None
         deploy_tol = DEPLOY_NOISE if lossless else budget
@@ -370,16 +370,6 @@ class Verifier:
             return budget
         step = 2.0 ** (np.floor(np.log2(self.half_scale[output])) - 10) if self.half_scale[output] > 0 else 0.0
         return Tolerance(max_abs=HALF_NOISE_ULPS * step, min_sqnr_db=HALF_NOISE_DB)
-
-    def _own_change(self, got: list[dict[str, np.ndarray]], budget: Tolerance, lossless: bool) -> list[OutputError]:
-        """Outputs against the last accepted ones, each under its :meth:`_own_budget`."""
-        errors = []
-        for name in self.previous[0]:
-            if any(name not in g for g in got):
-                errors += compare_outputs([{name: s[name]} for s in self.previous], [{} for _ in got])
-                continue
-            errors.append(compare_arrays(name, [s[name] for s in self.previous], [g[name] for g in got], self._own_budget(name, budget, lossless)))
-        return errors
 
 
 def _ort_kernels() -> set[tuple[str, str]]:
