@@ -121,7 +121,7 @@ class QuantizeWeights(GraphPass):
             candidates = []
         if not candidates:
             return self._result(model, stats, [])
-        need = max(self._opset_needed(), HALF_SCALE_OPSET if any(c.tensor.dtype == ir.DataType.FLOAT16 and c.kind != "gather" for c in candidates) else 0)
+        need = max(self._opset_needed(), HALF_SCALE_OPSET if any(map(_needs_half_scales, candidates)) else 0)
         per_tensor = False
         if onnx_opset(model) < need:
             why = upgrade_opset(model, need, self.calibration.samples if self.calibration else None)
@@ -137,8 +137,8 @@ class QuantizeWeights(GraphPass):
                 stats["opset_upgraded_to"] = need
             candidates = self._candidates(model, Counter())  # the graph was rebuilt
             if onnx_opset(model) < HALF_SCALE_OPSET:  # the per-tensor fallback: float16 weights have no DequantizeLinear here
-                stats["skipped_half_opset"] = sum(1 for c in candidates if c.tensor.dtype == ir.DataType.FLOAT16 and c.kind != "gather")
-                candidates = [c for c in candidates if c.tensor.dtype != ir.DataType.FLOAT16 or c.kind == "gather"]
+                stats["skipped_half_opset"] = sum(map(_needs_half_scales, candidates))
+                candidates = [c for c in candidates if not _needs_half_scales(c)]
         if self.format == "qdq" or self.bits == 8:
             layout = "blocked" if self.bits == 4 or self.blocked else ("tensor" if per_tensor or not self.per_channel else "axis")
             why, best = ort_qdq_gap(onnx_opset(model), qtype(self.bits, self.signed).dtype, layout=layout)
@@ -508,6 +508,12 @@ def quantize_weight_only(model: ir.Model, ops: list[str], exclude: list[str], pe
     quantizer.name = tag  # the nodes made are tagged with the pass that asked for them
     layers = [layer for layer in _other_weights(model, ops, exclude, quantizer.min_elements) if quantizer._saves_bytes(layer)]
     return quantizer._quantize_all(model, layers, set(), not per_channel, {}, stats)
+
+
+def _needs_half_scales(layer: LinearLayer) -> bool:
+    """A float16 weight read through DequantizeLinear, whose float16 scales need opset 19 (a float16
+    table's rows are converted by Cast/Mul, at any opset)."""
+    return layer.tensor.dtype == ir.DataType.FLOAT16 and layer.kind != "gather"
 
 
 def _not_4bit_stat(layer: LinearLayer) -> str:
