@@ -264,7 +264,9 @@ def _rewrite_lstm(graph: ir.Graph, node: ir.Node, c: Candidate, names: NameSet, 
         k = qw.q.size // (directions * rows)
         base = value.name or "w"
         q = np.ascontiguousarray(qw.q.reshape(directions, rows, k).transpose(0, 2, 1))
-        scale = np.asarray(qw.scale, np.float32).reshape(directions, -1) if qw.scale.size > directions else np.asarray(qw.scale, np.float32).reshape(directions)
+        scale = np.asarray(qw.scale, np.float32).reshape(directions, -1)  # per gate row: [directions, 4H]
+        if scale.shape[1] == 1:
+            scale = scale.reshape(directions)  # per direction
         extra.append(add_initializer(graph, ir.Tensor(q, dtype=INT8.dtype), base + "_q", names))
         extra.append(add_initializer(graph, scale, base + "_s", names))
         extra.append(add_initializer(graph, ir.Tensor(np.zeros(scale.shape, np.int8), dtype=INT8.dtype), base + "_zp", names))
